@@ -1,0 +1,1 @@
+"""The generic benchmark harness: timing, memory, FLOPs, results, reports and the CLI."""

@@ -1,0 +1,462 @@
+"""Cross-Iteration Batch Normalization (Yao et al., "Cross-Iteration Batch Normalization", CVPR 2021)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cbn.statgrad import GRAD_PATHS, ConvGeometry
+
+_REDUCE_DIMS = (0, 2, 3)
+_UNSET = object()  # the current iteration's compensated window has not been computed yet
+
+
+class CrossIterationBatchNorm2d(nn.Module):
+    r"""BatchNorm2d whose statistics also use the k-1 previous training iterations.
+
+    At training iteration t the layer computes the batch mean mu_t and variance of its input, as BN
+    does, and averages them with the statistics it recorded at iterations t-1 .. t-k+1. Those past
+    statistics were computed under older weights, so each is first compensated to the current weights
+    of the conv that produces this layer's input, with a first-order Taylor term (paper Eq. 7-8):
+
+        mu_{t-tau}(theta_t) = mu_{t-tau} + dmu/dtheta . (theta_t - theta_{t-tau})      (same for nu = E[x^2])
+
+    then averaged (Eq. 9-11) and used to normalize (Eq. 12)::
+
+        mu_bar  = mean_tau mu_{t-tau}(theta_t)
+        var_bar = mean_tau max(nu_{t-tau}(theta_t), mu_{t-tau}(theta_t)^2) - mu_bar^2
+        y       = gamma * (x - mu_bar) / sqrt(var_bar + eps) + beta
+
+    The layer keeps each iteration's variance rather than nu and evaluates var_bar in the equivalent
+    form mean_tau max(var_tau, 0) + mean_tau (mu_tau - mu_bar)^2, which avoids the cancellation of
+    E[x^2] - E[x]^2; all statistics are float32 (float64 for float64 inputs) whatever the input dtype.
+
+    How it differs from BatchNorm2d:
+
+    * Gradients flow through the current batch's statistics only: past statistics, their
+      compensation (which uses theta_t detached) and everything kept for later are constants.
+    * ``window=1`` is exactly BatchNorm2d; the first ``burn_in`` iterations use window 1 and record
+      nothing, after which the window fills one iteration at a time (nothing zero-filled is averaged).
+    * ``compensate=False`` averages raw past statistics: the paper's "Naive CBN" baseline.
+    * ``grad_path`` picks how dmu/dtheta and dnu/dtheta are obtained: "efficient" (Appendix B, one
+      extra weight-gradient convolution per step, |W| + C_in*K floats per past step) or "naive"
+      (dense Jacobians from torch.func.jacrev, O(C^2*C_in*K)). Both give the same statistics.
+    * Running statistics are updated, as BN updates them on every training forward, from the
+      statistics actually used to normalize (the compensated window), with the unbiased factor of
+      the window's example count. They are what the network was trained against, and the window's
+      variance includes the spread of the means between iterations that a single small batch misses.
+      Evaluation mode is then exactly BatchNorm2d's computation and cost.
+
+    What an iteration is: the window advances when the parameters that the layer depends on (the
+    bound conv's weight and bias, and its own gamma and beta) have been updated in place, which is
+    what every torch optimizer does; the layer watches their version counters. So gradient
+    checkpointing's recompute, a module called twice in one step, or a profiling pass between
+    optimizer steps see the same window and never push extra history. Only the first grad-enabled
+    training call of an iteration is recorded (calls under ``torch.no_grad()`` never are). A conv
+    that is never updated therefore never advances the window. Save checkpoints between iterations.
+
+    The layer must be bound to the nn.Conv2d whose output it normalizes (``bind`` or ``cbn.convert``)
+    before it trains with compensation. It checks at run time that its input is that conv's output.
+    """
+
+    _version = 1
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        window: int = 4,
+        burn_in: int = 0,
+        grad_path: str = "efficient",
+        compensate: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_options(num_features, track_running_stats, window, burn_in, grad_path)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = True
+        self.window = window
+        self.burn_in = burn_in
+        self.grad_path = grad_path
+        self.compensate = compensate
+        self.name: str | None = None  # set by cbn.convert; used in error messages
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        # History of past iterations, one slot per past step (window - 1 slots), allocated on first
+        # use; None buffers are neither saved nor loaded.
+        for field in self._history_fields():
+            self.register_buffer(field, None)
+        self._conv: nn.Conv2d | None = None
+        self._conv_name: str | None = None
+        self._conv_hook = None
+        self._iteration = -1  # index of the current training iteration
+        self._slot_iterations = [-1] * (window - 1)  # iteration held by each history slot, -1 if empty
+        self._reset_transients()
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, conv: nn.Conv2d, name: str | None = None, conv_name: str | None = None) -> CrossIterationBatchNorm2d:
+        """Use ``conv``'s weight (and bias) for the compensation; conv must feed this layer directly.
+
+        Binding starts a fresh history. ``name`` and ``conv_name`` only label error messages.
+        """
+        _check_bindable(conv, self.num_features, self._label())
+        if self._conv_hook is not None:
+            self._conv_hook.remove()
+        # A plain attribute, not a submodule: the conv belongs to its own parent and must not appear
+        # twice in state_dict or parameters(). deepcopy keeps the pairing through its memo.
+        object.__setattr__(self, "_conv", conv)
+        self._conv_hook = conv.register_forward_hook(self._capture_conv_io)
+        if name is not None:
+            self.name = name
+        self._conv_name = conv_name
+        self._reset_history()
+        self._reset_transients()
+        return self
+
+    @property
+    def conv(self) -> nn.Conv2d | None:
+        return self._conv
+
+    def _capture_conv_io(self, conv: nn.Conv2d, args: tuple, output: Tensor) -> None:
+        # Keep references (no copies) to the conv's input and output for this step's statistic
+        # gradients; the conv saves its input for backward anyway.
+        if self.training and self.compensate and self.window > 1 and torch.is_grad_enabled():
+            self._captured = (args[0], output)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        captured, self._captured = self._captured, None
+        self._advance_iteration()
+        # The statistics, the history and the compensation run with autocast off: the compensation
+        # subtracts nearly equal dot products, which bfloat16/float16 would cancel away.
+        with torch.autocast(x.device.type, enabled=False):
+            past = self._past_window()
+        record = self._should_record()
+        if (past is None and not record) or x.numel() == 0:
+            return self._batch_norm(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._normalize_with_window(x, past, record, captured)
+
+    def _normalize_with_window(self, x: Tensor, past: tuple[Tensor, Tensor] | None, record: bool, captured: tuple | None) -> Tensor:
+        x_stats = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var, mean = torch.var_mean(x_stats, dim=_REDUCE_DIMS, correction=0)
+        if record:
+            self._record(x, x_stats, mean.detach(), var.detach(), captured)
+        mean_bar, var_bar, entries = _combine(mean, var, past)
+        self._update_running_stats(mean_bar.detach(), var_bar.detach(), entries * (x.numel() // x.shape[1]))
+        scale = torch.rsqrt(var_bar + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -mean_bar * scale
+        if self.affine:
+            shift = shift + self.bias
+        out = x_stats * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        return out.to(x.dtype)
+
+    def _batch_norm(self, x: Tensor) -> Tensor:
+        """Window 1: BatchNorm2d itself (same kernel, same running-statistics update)."""
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased = var * (count / max(count - 1, 1))
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+
+    # ------------------------------------------------------------------ iterations and history
+    def _clock(self) -> tuple[int, ...]:
+        tensors = [self.weight, self.bias]
+        if self._conv is not None:
+            tensors += [self._conv.weight, self._conv.bias]
+        versions = tuple(t._version for t in tensors if t is not None)
+        if not versions:
+            raise RuntimeError(
+                f"{self._label()}: cannot tell training iterations apart: it has no affine parameters "
+                "and no bound conv. Bind it to the conv that feeds it (layer.bind(conv) or cbn.convert(model))."
+            )
+        return versions
+
+    def _advance_iteration(self) -> None:
+        clock = self._clock()
+        if clock != self._last_clock:
+            self._last_clock = clock
+            self._iteration += 1
+            self._window_cache = _UNSET
+
+    def _should_record(self) -> bool:
+        if self.window == 1 or self._iteration < self.burn_in or not torch.is_grad_enabled():
+            return False
+        return self._slot_iterations[self._iteration % (self.window - 1)] != self._iteration
+
+    def _past_slots(self) -> list[int]:
+        """Slots holding the iterations t-k+1 .. t-1 (older or unfilled slots are skipped)."""
+        t = self._iteration
+        return [s for s, it in enumerate(self._slot_iterations) if it >= 0 and t - self.window < it < t]
+
+    @torch.no_grad()
+    def _past_window(self) -> tuple[Tensor, Tensor] | None:
+        """Compensated (mean, var) of the past iterations in the window, computed once per iteration."""
+        if self._window_cache is not _UNSET:
+            return self._window_cache
+        slots = self._past_slots()
+        window = None
+        if slots:
+            means, variances = [], []
+            weight, bias = self._current_conv_params()
+            for s in slots:
+                mean, var = self.history_mean[s], self.history_var[s]
+                if self.compensate:
+                    mean, var = self._compensate(s, mean, var, weight, bias)
+                means.append(mean)
+                variances.append(var)
+            window = (torch.stack(means), torch.stack(variances))
+        self._window_cache = window
+        return window
+
+    def _compensate(self, slot: int, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        path = GRAD_PATHS[self.grad_path]
+        fields = {f: getattr(self, "history_" + f)[slot] for f in path.field_shapes(self._geometry())}
+        lin_mean, lin_sq = path.linear(fields, weight, bias, mean)
+        d_mean = lin_mean - self.history_offset_mean[slot]
+        d_sq = lin_sq - self.history_offset_sq[slot]
+        # var(theta_t) = nu + d_nu - (mu + d_mu)^2 with nu = var + mu^2; the clamp is Eq. 10's max.
+        var_now = (var + d_sq - 2.0 * mean * d_mean - d_mean.square()).clamp_min(0.0)
+        return mean + d_mean, var_now
+
+    def _current_conv_params(self) -> tuple[Tensor | None, Tensor | None]:
+        if not self.compensate:
+            return None, None
+        conv = self._require_conv()
+        dtype = self.history_mean.dtype
+        bias = None if conv.bias is None else conv.bias.detach().to(dtype)
+        return conv.weight.detach().to(dtype), bias
+
+    @torch.no_grad()
+    def _record(self, x: Tensor, x_stats: Tensor, mean: Tensor, var: Tensor, captured: tuple | None) -> None:
+        """Store this iteration's statistics (and what compensating them later needs) in its slot."""
+        entry = {"mean": mean, "var": var}
+        if self.compensate:
+            entry.update(self._statistic_gradients(x, x_stats, mean, captured))
+        finite = torch.stack([torch.isfinite(v).all() for v in (mean, var, *entry.values())]).all()
+        if not bool(finite):  # one host sync per recorded step: the history must stay clean
+            raise FloatingPointError(
+                f"{self._label()}: non-finite batch statistics at training iteration {self._iteration}; "
+                "they were not recorded, so the history is unchanged. Check the input for inf/nan "
+                "(a diverging loss or a too-high learning rate are the usual causes)."
+            )
+        slot = self._iteration % (self.window - 1)
+        for field, value in entry.items():
+            buffer = self._history_buffer(field, value)
+            buffer[slot].copy_(value)
+        self._slot_iterations[slot] = self._iteration
+
+    def _statistic_gradients(self, x: Tensor, x_stats: Tensor, mean: Tensor, captured: tuple | None) -> dict[str, Tensor]:
+        conv = self._require_conv()
+        if captured is None or captured[1] is not x:
+            bound = f"'{self._conv_name}'" if self._conv_name else "its bound conv"
+            raise RuntimeError(
+                f"{self._label()}: its input is not the output of {bound} in this step, so the conv's "
+                "weight gradient would be wrong. Bind the layer to the nn.Conv2d that directly feeds it "
+                "(cbn.convert(model) pairs them), or use compensate=False."
+            )
+        y = captured[0].to(x_stats.dtype)
+        geometry = self._geometry()
+        path = GRAD_PATHS[self.grad_path]
+        dtype = x_stats.dtype
+        weight = conv.weight.detach().to(dtype)
+        bias = None if conv.bias is None else conv.bias.detach().to(dtype)
+        fields = path.compute(y, x_stats, weight, bias, geometry)
+        offset_mean, offset_sq = path.linear(fields, weight, bias, mean)
+        return {**fields, "offset_mean": offset_mean, "offset_sq": offset_sq}
+
+    def _history_buffer(self, field: str, value: Tensor) -> Tensor:
+        name = "history_" + field
+        buffer = getattr(self, name)
+        if buffer is None:
+            buffer = value.new_zeros((self.window - 1, *value.shape))
+            setattr(self, name, buffer)
+        return buffer
+
+    def _history_fields(self) -> list[str]:
+        names = ["history_mean", "history_var"]
+        if self.compensate and self.window > 1:
+            names += ["history_offset_mean", "history_offset_sq"]
+            names += ["history_" + f for f in _all_path_fields(self.grad_path)]
+        return names
+
+    def history_bytes(self) -> int:
+        """Bytes this layer holds for past iterations (history buffers and this step's window)."""
+        total = sum(b.numel() * b.element_size() for b in self._history_tensors())
+        if isinstance(self._window_cache, tuple):
+            total += sum(t.numel() * t.element_size() for t in self._window_cache)
+        return total
+
+    def _history_tensors(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._history_fields() if getattr(self, n) is not None]
+
+    @property
+    def iteration(self) -> int:
+        """Index of the current training iteration (-1 before the first training forward)."""
+        return self._iteration
+
+    @property
+    def window_entries(self) -> int:
+        """How many iterations (current included) the current iteration's statistics average."""
+        if self._window_cache is _UNSET:
+            return 1 + len(self._past_slots())
+        return 1 + (0 if self._window_cache is None else self._window_cache[0].shape[0])
+
+    def _reset_transients(self) -> None:
+        # A new process, a loaded checkpoint or a new binding starts a new iteration at its first
+        # training forward, and holds no activations of an earlier step.
+        self._captured: tuple | None = None
+        self._last_clock: tuple[int, ...] | None = None
+        self._window_cache: Any = _UNSET
+
+    def _reset_history(self) -> None:
+        for name in self._history_fields():
+            setattr(self, name, None)
+        self._slot_iterations = [-1] * (self.window - 1)
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"iteration": self._iteration, "slot_iterations": list(self._slot_iterations)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        slots = list(state["slot_iterations"])
+        if len(slots) != self.window - 1:
+            raise ValueError(
+                f"{self._label()}: the checkpoint holds {len(slots)} history slots but window={self.window} "
+                f"needs {self.window - 1}; build the layer with the window the checkpoint was trained with."
+            )
+        self._iteration = int(state["iteration"])
+        self._slot_iterations = slots
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # History buffers are allocated lazily, so give them the stored shapes before loading.
+        for name in self._history_fields():
+            stored = state_dict.get(prefix + name)
+            device = self.running_mean.device
+            setattr(self, name, None if stored is None else torch.empty_like(stored, device=device))
+        extra_key = prefix + "_extra_state"
+        from_batchnorm = extra_key not in state_dict  # a BatchNorm2d (or pre-versioning) state
+        if from_batchnorm:
+            self._iteration = -1
+            self._slot_iterations = [-1] * (self.window - 1)
+            if prefix + "num_batches_tracked" not in state_dict:
+                state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if from_batchnorm and extra_key in missing_keys:
+            missing_keys.remove(extra_key)
+        self._reset_transients()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_captured"] = None  # transient references to one step's activations
+        return state
+
+    # ------------------------------------------------------------------ checks and labels
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"{self._label()}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{self._label()}: expected {self.num_features} channels, got {x.shape[1]} (input shape "
+                f"{tuple(x.shape)}); num_features must equal the producing conv's out_channels."
+            )
+
+    def _require_conv(self) -> nn.Conv2d:
+        if self._conv is None:
+            raise RuntimeError(
+                f"{self._label()}: compensation needs the conv that produces this layer's input, and none "
+                "is bound. Call cbn.convert(model) (it pairs each norm with its conv) or layer.bind(conv); "
+                "or use compensate=False for Naive CBN."
+            )
+        return self._conv
+
+    def _geometry(self) -> ConvGeometry:
+        return ConvGeometry.of(self._require_conv())
+
+    def _label(self) -> str:
+        return f"CrossIterationBatchNorm2d '{self.name}'" if self.name else f"CrossIterationBatchNorm2d({self.num_features})"
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"window={self.window}, burn_in={self.burn_in}, grad_path={self.grad_path!r}, compensate={self.compensate}"
+        )
+        if self._conv is not None:
+            text += f", conv={tuple(self._conv.weight.shape)}"
+        return text
+
+
+def _combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, int]:
+    """Eq. 9-11: average the current statistics with the compensated past ones."""
+    if past is None:
+        return mean, var, 1
+    past_mean, past_var = (p.to(mean.dtype) for p in past)
+    entries = 1 + past_mean.shape[0]
+    mean_bar = (mean + past_mean.sum(0)) / entries
+    spread = (mean - mean_bar).square() + (past_mean - mean_bar).square().sum(0)
+    var_bar = (var + past_var.sum(0) + spread) / entries
+    return mean_bar, var_bar, entries
+
+
+def _all_path_fields(grad_path: str) -> list[str]:
+    # Field names only (shapes need a bound conv); bias Jacobians exist only for convs with bias.
+    if grad_path == "efficient":
+        return ["grad_mean", "grad_sq"]
+    return ["jac_mean_weight", "jac_sq_weight", "jac_mean_bias", "jac_sq_bias"]
+
+
+def _check_options(num_features: int, track_running_stats: bool, window: int, burn_in: int, grad_path: str) -> None:
+    if not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"CrossIterationBatchNorm2d: num_features must be a positive int, got {num_features!r}")
+    if not track_running_stats:
+        raise ValueError("CrossIterationBatchNorm2d: track_running_stats=False is not supported; inference uses running statistics")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"CrossIterationBatchNorm2d: window must be an int >= 1 (1 is plain BN), got {window!r}")
+    if not isinstance(burn_in, int) or burn_in < 0:
+        raise ValueError(f"CrossIterationBatchNorm2d: burn_in must be an int >= 0 (training iterations), got {burn_in!r}")
+    if grad_path not in GRAD_PATHS:
+        raise ValueError(f"CrossIterationBatchNorm2d: grad_path must be one of {sorted(GRAD_PATHS)}, got {grad_path!r}")
+
+
+def _check_bindable(conv: nn.Module, num_features: int, label: str) -> None:
+    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+        raise TypeError(
+            f"{label}: can only bind a plain nn.Conv2d (the closed-form gradients assume it), got {type(conv).__name__}"
+        )
+    if conv.out_channels != num_features:
+        raise ValueError(f"{label}: the conv has {conv.out_channels} output channels but the layer normalizes {num_features}")
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError(
+            f"{label}: the conv uses padding={conv.padding!r}, padding_mode={conv.padding_mode!r}; CBN supports "
+            "integer zero padding only. Give the conv explicit integer padding."
+        )

@@ -1,0 +1,1 @@
+"""Benchmark definitions: detection models, synthetic data and the suites built on them."""
