@@ -147,17 +147,19 @@ class CrossIterationBatchNorm2d(nn.Module):
         self._check_input(x)
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if self.compensate and self.window > 1:
+            self._require_conv()  # fail on the first training step, not after burn-in
         captured, self._captured = self._captured, None
         self._advance_iteration()
         # The statistics, the history and the compensation run with autocast off: the compensation
         # subtracts nearly equal dot products, which bfloat16/float16 would cancel away.
-        with torch.autocast(x.device.type, enabled=False):
-            past = self._past_window()
-        record = self._should_record()
-        if (past is None and not record) or x.numel() == 0:
+        # Plain BN only while no window can exist this iteration; the choice must not depend on
+        # whether this call records, or a checkpoint's recompute would run different ops.
+        if self.window == 1 or self._iteration < self.burn_in or x.numel() == 0:
             return self._batch_norm(x)
         with torch.autocast(x.device.type, enabled=False):
-            return self._normalize_with_window(x, past, record, captured)
+            past = self._past_window()
+            return self._normalize_with_window(x, past, self._should_record(), captured)
 
     def _normalize_with_window(self, x: Tensor, past: tuple[Tensor, Tensor] | None, record: bool, captured: tuple | None) -> Tensor:
         x_stats = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -210,7 +212,7 @@ class CrossIterationBatchNorm2d(nn.Module):
             self._window_cache = _UNSET
 
     def _should_record(self) -> bool:
-        if self.window == 1 or self._iteration < self.burn_in or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             return False
         return self._slot_iterations[self._iteration % (self.window - 1)] != self._iteration
 

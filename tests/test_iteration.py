@@ -1,0 +1,138 @@
+"""What an iteration is: the window advances once per optimizer update, whatever runs in between."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
+
+from helpers import batches, cbn_layers, conv_cbn_net, train
+
+
+def history(net: nn.Module) -> list[dict]:
+    return [
+        {"iteration": m.iteration, "slots": list(m._slot_iterations),
+         **{k: v.clone() for k, v in m.state_dict().items() if k.startswith("history_")}}
+        for m in cbn_layers(net)
+    ]
+
+
+def assert_same_history(a: nn.Module, b: nn.Module) -> None:
+    for ha, hb in zip(history(a), history(b)):
+        assert ha.keys() == hb.keys()
+        for key in ha:
+            if isinstance(ha[key], torch.Tensor):
+                assert_close(ha[key], hb[key])
+            else:
+                assert ha[key] == hb[key], key
+
+
+def test_window_advances_once_per_optimizer_step():
+    net = conv_cbn_net(window=3)
+    layer = cbn_layers(net)[0]
+    train(net, batches(5))
+    assert layer.iteration == 4
+    assert sorted(layer._slot_iterations) == [3, 4]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_recompute_pushes_no_extra_history(use_reentrant):
+    plain = conv_cbn_net(window=3)
+    checkpointed = copy.deepcopy(plain)
+    inputs = [x.requires_grad_() for x in batches(5)]
+    outs = train(plain, inputs)
+    outs_ckpt = train(checkpointed, inputs, forward=lambda x: checkpoint(checkpointed, x, use_reentrant=use_reentrant))
+    for a, b in zip(outs, outs_ckpt):
+        assert_close(a, b)
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        assert_close(a, b)
+    assert_same_history(plain, checkpointed)
+
+
+def test_module_called_twice_in_one_step_records_once_and_sees_one_window():
+    net = conv_cbn_net(window=3)
+    layer = cbn_layers(net)[0]
+    entries_seen = []
+
+    def twice(x):
+        first = net(x)
+        entries_seen.append(layer.window_entries)
+        second = net(x.flip(-1))
+        entries_seen.append(layer.window_entries)
+        return first + second
+
+    train(net, batches(4), forward=twice)
+    assert layer.iteration == 3
+    assert sorted(layer._slot_iterations) == [2, 3]
+    assert entries_seen == [1, 1, 2, 2, 3, 3, 3, 3]
+
+
+def test_profiling_passes_between_steps_leave_the_history_alone():
+    plain = conv_cbn_net(window=3)
+    profiled = copy.deepcopy(plain)
+
+    def profile_then_train(x):
+        with torch.no_grad():  # e.g. a FLOP count or a latency probe in train mode
+            profiled(x * 3.0)
+        with FlopCounterMode(display=False):
+            profiled(x - 1.0)  # a grad-enabled pass that is not followed by an update
+        return profiled(x)
+
+    train(plain, batches(5), forward=plain)
+    train(profiled, batches(5), forward=profile_then_train)
+    # The grad-enabled pass ran first in each iteration, so its statistics are the recorded ones:
+    # same slots and counters, different values (x - 1 vs x). The window length is what matters here.
+    for a, b in zip(history(plain), history(profiled)):
+        assert a["iteration"] == b["iteration"] == 4
+        assert a["slots"] == b["slots"]
+
+
+def test_no_grad_training_pass_records_nothing():
+    net = conv_cbn_net(window=3)
+    layer = cbn_layers(net)[0]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for x in batches(3):
+        with torch.no_grad():
+            net(x)
+        net(x).sum().backward()  # keep weights moving so iterations advance
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        net(batches(1, seed=5)[0])  # a new iteration seen only under no_grad
+    assert layer.iteration == 3
+    assert sorted(layer._slot_iterations) == [1, 2]
+
+
+def test_a_skipped_optimizer_step_does_not_advance_the_window():
+    """As when GradScaler skips a step on inf gradients: the weights did not change, no new iteration."""
+    net = conv_cbn_net(window=3)
+    layer = cbn_layers(net)[0]
+    for x in batches(3):
+        net(x).sum().backward()
+        net.zero_grad()
+    assert layer.iteration == 0
+    assert layer._slot_iterations.count(0) == 1
+
+
+@pytest.mark.parametrize("window, burn_in, expected", [
+    (3, 2, [1, 1, 1, 2, 3, 3]),
+    (4, 0, [1, 2, 3, 4, 4, 4]),
+    (1, 0, [1, 1, 1, 1, 1, 1]),
+])
+def test_burn_in_then_the_window_fills_one_iteration_at_a_time(window, burn_in, expected):
+    net = conv_cbn_net(window=window, burn_in=burn_in)
+    layer = cbn_layers(net)[0]
+    seen = []
+
+    def forward(x):
+        out = net(x)
+        seen.append(layer.window_entries)
+        return out
+
+    train(net, batches(6), forward=forward)
+    assert seen == expected
+    if burn_in:  # nothing recorded during burn-in
+        assert min(layer._slot_iterations) >= burn_in

@@ -1,0 +1,86 @@
+"""state_dict round trips: an interrupted run resumes exactly; BN checkpoints load; copies stay bound."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import cbn
+from helpers import batches, cbn_layers, conv_cbn_net, train
+
+
+def save_load(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)  # plain tensors and ints: no pickled objects needed
+
+
+@pytest.mark.parametrize("grad_path", ["efficient", "naive"])
+def test_resume_from_state_dict_continues_exactly(grad_path):
+    inputs = batches(9, dtype=torch.float64)
+    uninterrupted = conv_cbn_net(window=4, burn_in=1, grad_path=grad_path, dtype=torch.float64)
+    first = copy.deepcopy(uninterrupted)
+    expected = train(uninterrupted, inputs, lr=0.1)
+
+    opt = torch.optim.SGD(first.parameters(), lr=0.1, momentum=0.9)
+    for x in inputs[:5]:
+        (lambda out: (out.square().mean() + out.mean()).backward())(first(x))
+        opt.step()
+        opt.zero_grad()
+    checkpoint = save_load({"model": first.state_dict(), "opt": opt.state_dict()})
+
+    resumed = conv_cbn_net(window=4, burn_in=1, grad_path=grad_path, dtype=torch.float64)
+    resumed.load_state_dict(checkpoint["model"])
+    opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    opt.load_state_dict(checkpoint["opt"])
+    for x, want in zip(inputs[5:], expected[5:]):
+        out = resumed(x)
+        assert_close(out.detach(), want, rtol=1e-12, atol=1e-12)
+        (out.square().mean() + out.mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    for a, b in zip(cbn_layers(uninterrupted), cbn_layers(resumed)):
+        assert a.iteration == b.iteration == 8
+        assert a._slot_iterations == b._slot_iterations
+        assert_close(a.running_var, b.running_var, rtol=1e-12, atol=1e-12)
+
+
+def test_state_dict_holds_counters_history_and_version():
+    net = conv_cbn_net(window=3)
+    train(net, batches(4))
+    state = net.state_dict()
+    assert state["1._extra_state"] == {"iteration": 3, "slot_iterations": [2, 3]}
+    assert state["1.history_grad_sq"].shape == (2, 6, 3, 3, 3)
+    assert state._metadata["1"]["version"] == cbn.CrossIterationBatchNorm2d._version
+
+
+def test_a_batchnorm_checkpoint_loads_into_cbn_with_a_fresh_history():
+    bn_net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6))
+    bn_net[1].running_mean.fill_(0.5)
+    net = cbn.convert(copy.deepcopy(bn_net))
+    train(net, batches(3))
+    net.load_state_dict(bn_net.state_dict())  # strict: no missing keys
+    layer = net[1]
+    assert layer.iteration == -1 and layer.history_mean is None
+    assert torch.equal(layer.running_mean, torch.full((6,), 0.5))
+
+
+def test_loading_a_checkpoint_with_another_window_is_refused():
+    net = conv_cbn_net(window=3)
+    train(net, batches(3))
+    other = conv_cbn_net(window=5)
+    with pytest.raises(ValueError, match="window=5 needs 4"):
+        other.load_state_dict(net.state_dict())
+
+
+def test_deepcopy_binds_the_copy_to_the_copied_conv():
+    net = conv_cbn_net(window=3)
+    train(net, batches(2))
+    clone = copy.deepcopy(net)
+    assert clone[1].conv is clone[0] and clone[4].conv is clone[3]
+    train(clone, batches(2, seed=3))
+    assert net[1].iteration == 1 and clone[1].iteration == 3
