@@ -347,18 +347,19 @@ class CrossIterationBatchNorm2d(nn.Module):
         self._slot_iterations = [-1] * (self.window - 1)
 
     # ------------------------------------------------------------------ state
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"iteration": self._iteration, "slot_iterations": list(self._slot_iterations)}
+    def get_extra_state(self) -> Tensor:
+        # [iteration, iteration held by each slot...]: an int64 tensor rather than a dict, because
+        # jit tracing (and so fvcore) passes every state_dict entry through as a traced value.
+        return torch.tensor([self._iteration, *self._slot_iterations], dtype=torch.long)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        slots = list(state["slot_iterations"])
-        if len(slots) != self.window - 1:
+    def set_extra_state(self, state: Tensor) -> None:
+        values = [int(v) for v in state.tolist()]
+        if len(values) != self.window:
             raise ValueError(
-                f"{self._label()}: the checkpoint holds {len(slots)} history slots but window={self.window} "
+                f"{self._label()}: the checkpoint holds {len(values) - 1} history slots but window={self.window} "
                 f"needs {self.window - 1}; build the layer with the window the checkpoint was trained with."
             )
-        self._iteration = int(state["iteration"])
-        self._slot_iterations = slots
+        self._iteration, self._slot_iterations = values[0], values[1:]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # History buffers are allocated lazily, so give them the stored shapes before loading.

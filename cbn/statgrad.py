@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.grad import conv2d_weight
+
+from cbn.ops import conv_weight_grad
 
 _REDUCE_DIMS = (0, 2, 3)
 
@@ -43,8 +44,10 @@ class ConvGeometry:
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> ConvGeometry:
+        # From the module's int attributes, not weight.shape: under jit tracing shapes are traced
+        # values, which the op's int[] arguments do not accept.
         return cls(
-            weight_shape=tuple(conv.weight.shape),
+            weight_shape=(conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size),
             stride=tuple(conv.stride),
             padding=tuple(conv.padding),
             dilation=tuple(conv.dilation),
@@ -75,14 +78,13 @@ class EfficientPath:
         del weight, bias  # x already carries them
         n, _, h, w = x.shape
         m = n * h * w
-        kwargs = dict(stride=geometry.stride, padding=geometry.padding, dilation=geometry.dilation)
+        geo = [list(geometry.stride), list(geometry.padding), list(geometry.dilation), geometry.groups]
         groups = geometry.groups
         _, c_in_per_group, kh, kw = geometry.weight_shape
         # One output channel per group with grad_output = 1/M: the patch mean of each group.
-        # An expanded scalar avoids materializing an N x groups x H' x W' tensor of ones.
-        ones = x.new_full((1, 1, 1, 1), 1.0 / m).expand(n, groups, h, w)
-        grad_mean = conv2d_weight(y, (groups, c_in_per_group, kh, kw), ones, groups=groups, **kwargs)
-        grad_sq = conv2d_weight(y, geometry.weight_shape, x * (2.0 / m), groups=groups, **kwargs)
+        ones = x.new_full((n, groups, h, w), 1.0 / m)
+        grad_mean = conv_weight_grad(y, ones, [groups, c_in_per_group, kh, kw], *geo)
+        grad_sq = conv_weight_grad(y, x * (2.0 / m), list(geometry.weight_shape), *geo)
         return {"grad_mean": grad_mean, "grad_sq": grad_sq}
 
     @staticmethod

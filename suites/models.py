@@ -44,6 +44,9 @@ class DetectorSpec:
     # torchvision's defaults; small test profiles lower them, since the RoI heads dominate small inputs.
     sampled_rois_per_image: int = 512
     proposals_per_image: int = 2000
+    # 0.0 keeps box_detections_per_img detections at inference even with random weights, so the
+    # mask head does its real inference work (0.05, torchvision's default, leaves it nothing).
+    box_score_thresh: float = 0.05
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -71,6 +74,7 @@ def build_detector(spec: DetectorSpec) -> nn.Module:
         min_size=spec.min_size_px,
         max_size=spec.max_size_px,
         box_batch_size_per_image=spec.sampled_rois_per_image,
+        box_score_thresh=spec.box_score_thresh,
         rpn_pre_nms_top_n_train=spec.proposals_per_image,
         rpn_post_nms_top_n_train=spec.proposals_per_image,
         rpn_pre_nms_top_n_test=min(spec.proposals_per_image, 1000),

@@ -57,7 +57,7 @@ def test_a_non_finite_batch_statistic_is_refused_and_does_not_poison_the_history
     net = conv_cbn_net(window=3)
     train(net, batches(3))
     layer = cbn_layers(net)[0]
-    before = {k: v.clone() if isinstance(v, torch.Tensor) else dict(v) for k, v in layer.state_dict().items()}
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
     bad = batches(1)[0]
     bad[0, 0, 0, 0] = float("inf")
     with torch.no_grad():  # move the weights so that the bad batch starts a new iteration
@@ -67,8 +67,8 @@ def test_a_non_finite_batch_statistic_is_refused_and_does_not_poison_the_history
     after = layer.state_dict()
     for key in ("history_mean", "history_var", "history_grad_sq", "running_mean", "running_var"):
         assert torch.equal(before[key], after[key]), key
-    assert after["_extra_state"]["slot_iterations"] == before["_extra_state"]["slot_iterations"]
-    assert after["_extra_state"]["iteration"] == 3  # the iteration happened; it is just not recorded
+    assert after["_extra_state"][1:].tolist() == before["_extra_state"][1:].tolist()  # same slots
+    assert after["_extra_state"][0] == 3  # the iteration happened; it is just not recorded
     outs = train(net, batches(2, seed=4))  # training goes on with clean data
     assert all(torch.isfinite(o).all() for o in outs)
     assert layer.window_entries == 3

@@ -1,0 +1,182 @@
+"""Typed results and their JSON storage: one file per run, schema-versioned, written atomically.
+
+Metric names carry their unit (``_s``, ``_bytes``, ``_flops``, ``_per_s``) and values are stored
+unrounded. Raw timing samples are kept beside the summaries so any statistic can be redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "cbn-bench/results"
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "error", "skipped", "interrupted")
+
+
+class ResultsFileError(ValueError):
+    """A results file that is malformed, foreign, or from an unknown schema version."""
+
+
+@dataclass(frozen=True)
+class Environment:
+    device_name: str
+    device_count: int
+    driver_version: str | None
+    cuda_version: str | None
+    cudnn_version: int | None
+    torch_version: str
+    torchvision_version: str | None
+    cudnn_benchmark: bool
+    tf32_matmul: bool
+    tf32_cudnn: bool
+    threads: int
+    cpu_model: str
+    python_version: str
+    platform: str
+    git_commit: str | None
+    git_dirty: bool | None
+    date_utc: str
+    command: str
+    optional_tools: dict[str, str] = field(default_factory=dict)  # tool -> version, or why it is missing
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    suite: str
+    case: str
+    params: dict[str, Any]
+    status: str
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # deterministic figures and summaries
+    samples: dict[str, list[float]] = field(default_factory=dict)  # raw timing samples, seconds
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A figure computed from several cases of one run, e.g. a CBN/BN ratio with its interval."""
+
+    suite: str
+    name: str
+    value: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    profile: str
+    device: str
+    suites: list[str]
+    environment: Environment
+    cases: list[CaseResult]
+    derived: list[Derived] = field(default_factory=list)
+    schema: str = SCHEMA
+    schema_version: int = SCHEMA_VERSION
+
+    def case(self, suite: str, case: str) -> CaseResult | None:
+        return next((c for c in self.cases if c.suite == suite and c.case == case), None)
+
+
+# ---------------------------------------------------------------------- storage
+def to_json(run: RunResult) -> str:
+    return json.dumps(dataclasses.asdict(run), indent=1, allow_nan=True)
+
+
+def write_json_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename it over path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_new(run: RunResult, folder: Path, stem: str) -> Path:
+    """Store run as folder/stem.json, or stem-2.json etc.: an earlier run is never overwritten.
+
+    The file appears atomically: written to a temp file, then hard-linked to a name that must not
+    exist yet (link fails instead of replacing), then the temp name is removed.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".run.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(to_json(run))
+            f.flush()
+            os.fsync(f.fileno())
+        for attempt in range(1, 1000):
+            path = folder / (f"{stem}.json" if attempt == 1 else f"{stem}-{attempt}.json")
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free results file name for {stem} in {folder}")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "unknown"
+
+
+# ---------------------------------------------------------------------- loading
+def _upgrade_0_to_1(data: dict) -> dict:
+    # Version 0 (pre-release) called the derived figures "ratios" and had no case notes.
+    data = dict(data, schema_version=1)
+    data["derived"] = data.pop("ratios", [])
+    for case in data.get("cases", []):
+        case.setdefault("notes", [])
+    return data
+
+
+UPGRADES = {0: _upgrade_0_to_1}
+
+
+def load(path: str | Path) -> RunResult:
+    """Read a results file, upgrading older schema versions; refuse anything else clearly."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsFileError(f"{path}: no such results file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ResultsFileError(f"{path}: not a JSON results file ({err})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ResultsFileError(f"{path}: not a cbn-bench results file (no \"schema\": \"{SCHEMA}\" field)")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ResultsFileError(
+            f"{path}: schema version {version!r} is newer than this cbn-bench understands ({SCHEMA_VERSION}); upgrade cbn-bench"
+        )
+    while version < SCHEMA_VERSION:
+        data = UPGRADES[version](data)
+        version = data["schema_version"]
+    try:
+        return RunResult(
+            profile=data["profile"],
+            device=data["device"],
+            suites=list(data["suites"]),
+            environment=Environment(**data["environment"]),
+            cases=[CaseResult(**c) for c in data["cases"]],
+            derived=[Derived(**d) for d in data.get("derived", [])],
+            schema=data["schema"],
+            schema_version=data["schema_version"],
+        )
+    except (KeyError, TypeError) as err:
+        raise ResultsFileError(f"{path}: malformed results file ({err})") from None

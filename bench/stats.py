@@ -1,0 +1,73 @@
+"""Summaries of raw samples: median, IQR, bootstrap 95% intervals, and ratios between configs."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A sample's median with its spread; ci_* is the bootstrap 95% interval of the median."""
+
+    n: int
+    median: float
+    q1: float
+    q3: float
+    ci_low: float
+    ci_high: float
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+
+def quartiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def summarize(samples: Sequence[float], seed: int = 0) -> Summary:
+    if not samples:
+        raise ValueError("cannot summarize an empty sample")
+    q1, median, q3 = quartiles(samples)
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(samples, k=len(samples))) for _ in range(BOOTSTRAP_RESAMPLES))
+    return Summary(len(samples), median, q1, q3, *_percentile_interval(medians))
+
+
+def ratio_of_medians(numerator: Sequence[float], denominator: Sequence[float], seed: int = 0) -> Summary:
+    """median(numerator) / median(denominator), with a bootstrap interval resampling both sides."""
+    if not numerator or not denominator:
+        raise ValueError("cannot form a ratio with an empty sample")
+    rng = random.Random(seed)
+    ratios = sorted(
+        statistics.median(rng.choices(numerator, k=len(numerator)))
+        / statistics.median(rng.choices(denominator, k=len(denominator)))
+        for _ in range(BOOTSTRAP_RESAMPLES)
+    )
+    point = statistics.median(numerator) / statistics.median(denominator)
+    return Summary(min(len(numerator), len(denominator)), point, ratios[len(ratios) // 4],
+                   ratios[(3 * len(ratios)) // 4], *_percentile_interval(ratios))
+
+
+def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of log(y) against log(x): the exponent of a power law."""
+    import math
+
+    if len(xs) < 2:
+        raise ValueError("a slope needs at least two points")
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def _percentile_interval(sorted_values: list[float]) -> tuple[float, float]:
+    last = len(sorted_values) - 1
+    return sorted_values[round(0.025 * last)], sorted_values[round(0.975 * last)]

@@ -1,0 +1,44 @@
+"""CBN's one extra operation, a conv weight gradient, as a named operator: ``cbn::conv_weight_grad``.
+
+Being a single registered op (rather than aten::convolution_backward inside Python code) lets FLOP
+counters see it: jit tracing, which fvcore uses, cannot record convolution_backward at all but
+records a custom op as one node, for which bench.flops registers an fvcore handle; and
+torch.utils.flop_counter.FlopCounterMode counts it with the formula registered below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn.grad import conv2d_weight
+from torch.utils.flop_counter import register_flop_formula
+
+
+@torch.library.custom_op("cbn::conv_weight_grad", mutates_args=())
+def conv_weight_grad(
+    input: torch.Tensor,
+    grad_output: torch.Tensor,
+    weight_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """Gradient of sum(grad_output * conv2d(input, W)) with respect to W (of shape weight_shape)."""
+    return conv2d_weight(input, weight_shape, grad_output.contiguous(), stride, padding, dilation, groups)
+
+
+@conv_weight_grad.register_fake
+def _(input, grad_output, weight_shape, stride, padding, dilation, groups):
+    return input.new_empty(weight_shape)
+
+
+def conv_weight_grad_flops(grad_output_shape, weight_shape) -> int:
+    """Flops (2 per multiply-add): every weight entry accumulates over N*H'*W' output positions."""
+    return 2 * math.prod(grad_output_shape) * math.prod(weight_shape[1:])
+
+
+@register_flop_formula(torch.ops.cbn.conv_weight_grad)
+def _flop_formula(input_shape, grad_output_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_weight_grad_flops(grad_output_shape, weight_shape)
