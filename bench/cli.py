@@ -1,0 +1,182 @@
+"""Command line: `python -m bench [run] [SUITE ...] [options]` and `python -m bench show FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from bench import env, report, results
+from bench.runner import ProgressHook, run_cases, steps
+from bench.suite import load_suite
+
+SUITES_PACKAGE = "suites"  # a package whose SUITES maps suite names to modules
+DEFAULT_OUT = Path("results") / "runs"
+# Redirected output (nox, CI logs) gets a wide console instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 180)
+
+
+def suite_registry() -> dict[str, str]:
+    return importlib.import_module(SUITES_PACKAGE).SUITES
+
+
+def parser() -> argparse.ArgumentParser:
+    registry = suite_registry()
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run suites (the default command)")
+    run.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all of {', '.join(registry)})")
+    run.add_argument("--profile", help="sizes to run at: paper (default on CUDA), cpu (default without GPU), smoke")
+    run.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
+    run.add_argument("--rounds", type=int, help="timed rounds per case (default: the profile's)")
+    run.add_argument("--threads", type=int, help="torch CPU threads in each worker (default: torch's)")
+    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for results (default: {DEFAULT_OUT})")
+    run.add_argument("--compare", type=Path, metavar="FILE", help="a previous results file to compare ratios with")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a suite option, e.g. placement=all")
+    for key, help_text in (("placement", "table6: heads (paper default) or all (also backbone stages 2-4)"),
+                           ("arch", "table6: mask_rcnn or faster_rcnn"), ("depth", "table6: ResNet depth, 50 or 101")):
+        run.add_argument(f"--{key}", help=f"{help_text}; same as --set {key}=...")
+    show = sub.add_parser("show", help="print the tables of a stored results file")
+    show.add_argument("file", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "show", "-h", "--help"):
+        argv.insert(0, "run")
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "show":
+            return show(args.file)
+        return run(args)
+    except (ValueError, results.ResultsFileError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    registry = suite_registry()
+    names = args.suites or list(registry)
+    suites = {name: load_suite(registry, name) for name in names}
+    device = args.device or env.best_device()
+    if device == "cuda" and not env.torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device; drop --device to use the CPU profile")
+    profile = args.profile or next(iter(suites.values())).default_profile(device)
+    for name, suite in suites.items():
+        if profile not in suite.PROFILES:
+            raise ValueError(f"suite {name!r} has no profile {profile!r}; it has: {', '.join(suite.PROFILES)}")
+    if args.rounds is not None and args.rounds < 1:
+        raise ValueError("--rounds must be at least 1")
+    previous = results.load(args.compare) if args.compare else None
+    options = suite_options(args, suites)
+    cases = [c for name, suite in suites.items() for c in suite.cases(profile, device, options[name])]
+    if args.rounds is not None:
+        cases = [dataclasses.replace(c, rounds=args.rounds) for c in cases]
+    environment = env.capture(device)
+    console.print(f"cbn-bench: {len(cases)} cases of {', '.join(names)} at profile [bold]{profile}[/bold] on {environment.device_name}")
+    case_results, interrupted = _run_with_progress(cases, registry, device, args.threads)
+    derived = [d for name, suite in suites.items() for d in suite.derive([c for c in case_results if c.suite == name])]
+    run_result = results.RunResult(profile, device, names, environment, case_results, derived)
+    paths = _store(run_result, suites, args.out)
+    report.print_tables(_tables(run_result, suites), console)
+    if previous is not None:
+        report.print_tables([compare_table(previous, run_result)], console)
+    console.print("results written to:\n" + "\n".join(f"  {p}" for p in paths))
+    failed = [c for c in case_results if c.status == "error"]
+    for case in failed:
+        console.print(f"[red]{case.suite}/{case.case} failed:[/red] {case.error.splitlines()[0] if case.error else ''}")
+    if interrupted:
+        console.print("[yellow]interrupted: the results above hold every case that finished[/yellow]")
+        return 130
+    return 1 if failed else 0
+
+
+def suite_options(args: argparse.Namespace, suites: dict) -> dict[str, dict[str, str]]:
+    """Each suite's share of --set KEY=VALUE (and its shorthands); a key no suite takes is an error."""
+    pairs = list(args.set) + [f"{k}={getattr(args, k)}" for k in ("placement", "arch", "depth") if getattr(args, k)]
+    options: dict[str, dict[str, str]] = {name: {} for name in suites}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r}: write it as KEY=VALUE")
+        takers = [name for name, suite in suites.items() if key in suite.OPTIONS]
+        if not takers:
+            raise ValueError(f"no selected suite takes option {key!r}")
+        for name in takers:
+            options[name][key] = value
+    return options
+
+
+def _run_with_progress(cases, registry, device, threads):
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=sum(steps(c) for c in cases))
+        hook = ProgressHook(describe=lambda text: progress.update(task, description=text),
+                            advance=lambda: progress.advance(task))
+        outcome = run_cases(cases, registry, device, threads, hook)
+        progress.update(task, completed=progress.tasks[0].total, description="done")
+    return outcome
+
+
+def _tables(run_result: results.RunResult, suites: dict) -> list:
+    return [t for suite in suites.values() for t in suite.tables(run_result)]
+
+
+def _store(run_result: results.RunResult, suites: dict, out: Path) -> list[Path]:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"{stamp}_{run_result.profile}_{results.slug(run_result.environment.device_name)}"
+    json_path = results.save_new(run_result, out, stem)
+    heading = f"cbn-bench run {json_path.stem}"
+    text = report.markdown(_tables(run_result, suites), heading, _preamble(run_result))
+    md_path = json_path.with_suffix(".md")
+    results.write_atomic(md_path, text)
+    paths = [json_path, md_path]
+    for suite in suites.values():
+        if hasattr(suite, "figures"):
+            paths += suite.figures(run_result, json_path.with_suffix(""))
+    return paths
+
+
+def _preamble(run_result: results.RunResult) -> list[str]:
+    e = run_result.environment
+    return [
+        f"- device: {e.device_name} (x{e.device_count}), driver {e.driver_version}, CUDA {e.cuda_version}, cuDNN {e.cudnn_version}",
+        f"- torch {e.torch_version}, torchvision {e.torchvision_version}; cudnn.benchmark={e.cudnn_benchmark}, "
+        f"TF32 matmul={e.tf32_matmul}, TF32 cudnn={e.tf32_cudnn}, threads={e.threads}",
+        f"- CPU: {e.cpu_model}; Python {e.python_version}; {e.platform}",
+        f"- commit {e.git_commit} (dirty: {e.git_dirty}); {e.date_utc}; command: `{e.command}`",
+    ]
+
+
+def compare_table(previous: results.RunResult, current: results.RunResult):
+    from bench.suite import Table
+
+    if (previous.profile, previous.environment.device_name) != (current.profile, current.environment.device_name):
+        raise ValueError(
+            f"--compare: the previous run is profile {previous.profile!r} on {previous.environment.device_name!r}, this one "
+            f"{current.profile!r} on {current.environment.device_name!r}; only like with like can be compared"
+        )
+    before = {(d.suite, d.name): d for d in previous.derived}
+    rows = []
+    for d in current.derived:
+        old = before.get((d.suite, d.name))
+        change = "-" if old is None or old.value == 0 else f"{100 * (d.value / old.value - 1):+.1f}%"
+        rows.append([f"{d.suite}: {d.name}", report.fmt(None if old is None else old.value), report.fmt(d.value), change])
+    return Table("comparison with the previous run", ["figure", "previous", "current", "change"], rows)
+
+
+def show(path: Path) -> int:
+    run_result = results.load(path)
+    registry = suite_registry()
+    suites = {name: load_suite(registry, name) for name in run_result.suites}
+    console.print("\n".join(_preamble(run_result)))
+    report.print_tables(_tables(run_result, suites), console)
+    return 0

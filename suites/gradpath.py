@@ -1,0 +1,237 @@
+"""CBN's statistic gradients by the efficient (Appendix B) and the naive (dense Jacobian) path.
+
+One 3x3 or 1x1 conv with C_in = C_out = C on a detection-sized feature map. Timed: what one training
+step adds for one layer — the statistic gradients of this iteration and the compensation of a past
+iteration's statistics to new weights. The naive case also computes the efficient result and
+records the largest difference, so every run checks that the two paths agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench import memory, report
+from bench.results import CaseResult, Derived, RunResult
+from bench.stats import loglog_slope, ratio_of_medians
+from bench.suite import Case, Measurement, Table
+from bench.timing import synchronize, time_call
+from cbn.statgrad import GRAD_PATHS, ConvGeometry
+
+NAME = "gradpath"
+PATHS = ("efficient", "naive")
+KERNELS = (3, 1)
+AGREEMENT_TOLERANCE = 1e-3  # relative, float32
+
+
+@dataclass(frozen=True)
+class Profile:
+    channels: tuple[int, ...]
+    batch: int
+    height_px: int
+    width_px: int
+    rounds: int
+    naive_budget_bytes: int | None  # None: a share of the GPU's memory
+
+
+PROFILES = {
+    # stride-8 level of an 800x1216 image, 2 images per device
+    "paper": Profile((16, 32, 64, 128, 256, 512), 2, 100, 152, rounds=10, naive_budget_bytes=None),
+    "cpu": Profile((16, 32, 64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=8 << 30),
+    "smoke": Profile((8, 16), 1, 8, 12, rounds=2, naive_budget_bytes=1 << 30),
+}
+OPTIONS: dict[str, tuple[str, ...]] = {}
+
+
+def default_profile(device: str) -> str:
+    return "paper" if device == "cuda" else "cpu"
+
+
+def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
+    p = PROFILES[profile]
+    return [
+        Case(NAME, f"{path}-{k}x{k}-C{c}", {"profile": profile, "path": path, "kernel": k, "channels": c},
+             group=f"{k}x{k}-C{c}", rounds=p.rounds, timeout_s=600)
+        for k in KERNELS for c in p.channels for path in PATHS
+    ]
+
+
+def naive_bytes_estimate(c: int, kernel: int, batch: int, height: int, width: int) -> int:
+    """Dense Jacobians (2 x C x |W| floats) plus jacrev's batched cotangents (2C copies of x, twice)."""
+    weight = c * c * kernel * kernel
+    x = batch * c * height * width
+    return 4 * (2 * c * weight + 2 * 2 * c * x)
+
+
+class StatGradWorkload:
+    def __init__(self, params: dict, device: str) -> None:
+        p = PROFILES[params["profile"]]
+        self.device = torch.device(device)
+        self.params, self.profile = params, p
+        c, k = params["channels"], params["kernel"]
+        torch.manual_seed(0)
+        conv = nn.Conv2d(c, c, k, padding=k // 2, bias=False).to(self.device)
+        self.geometry = ConvGeometry.of(conv)
+        self.path = GRAD_PATHS[params["path"]]
+        with torch.no_grad():
+            self.y = torch.randn(p.batch, c, p.height_px, p.width_px, device=self.device)
+            self.weight = conv.weight.detach().clone()
+            self.x = conv(self.y)
+            self.mean = self.x.mean((0, 2, 3))
+            self.new_weight = self.weight + 1e-3 * torch.randn_like(self.weight)
+
+    def work(self, path=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's statistic gradients, then a compensation to new weights: (d_mean, d_sq)."""
+        path = path or self.path
+        with torch.no_grad():
+            fields = path.compute(self.y, self.x, self.weight, None, self.geometry)
+            now_mean, now_sq = path.linear(fields, self.new_weight, None, self.mean)
+            then_mean, then_sq = path.linear(fields, self.weight, None, self.mean)
+            self.stored_bytes = sum(t.numel() * t.element_size() for t in fields.values())
+        return now_mean - then_mean, now_sq - then_sq
+
+    def measure(self) -> Measurement:
+        p, c, k = self.profile, self.params["channels"], self.params["kernel"]
+        if self.params["path"] == "naive":
+            budget = p.naive_budget_bytes or int(0.6 * torch.cuda.get_device_properties(self.device).total_memory)
+            need = naive_bytes_estimate(c, k, p.batch, p.height_px, p.width_px)
+            if need > budget:
+                reason = (f"skipped: the dense path needs about {report.fmt_bytes(need)}, over the "
+                          f"{report.fmt_bytes(budget)} budget")
+                return Measurement({"estimated_bytes": need}, [reason], status="skipped")
+        metrics, result = self._peak_memory()
+        metrics["stored_bytes_per_step"] = self.stored_bytes + 4 * c * 4  # + mean, var and two offsets
+        error = None
+        if self.params["path"] == "naive":
+            reference = self.work(GRAD_PATHS["efficient"])
+            diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(result, reference))
+            metrics["max_relative_difference_to_efficient"] = diff
+            if diff > AGREEMENT_TOLERANCE:
+                error = f"naive and efficient paths disagree: max relative difference {diff:.2e}"
+        return Measurement(metrics, error=error)
+
+    def _peak_memory(self) -> tuple[dict[str, float], tuple]:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            result = self.work()
+            synchronize(self.device)
+            return {"peak_extra_bytes": torch.cuda.max_memory_allocated(self.device) - base}, result
+        base = memory.peak_rss_bytes()
+        result = self.work()
+        # The peak RSS is a high-water mark: its growth is this call's extra peak, when it exceeds
+        # the footprint before; small calls show 0 (they fit in memory the process already had).
+        return {"peak_rss_growth_bytes": memory.peak_rss_bytes() - base}, result
+
+    def warmup(self) -> None:
+        self.work()
+
+    def timed_round(self) -> dict[str, float]:
+        return {"stat_grad_s": time_call(self.work, self.device)}
+
+
+def build(case: Case, device: str) -> StatGradWorkload:
+    return StatGradWorkload(case.params, device)
+
+
+# ---------------------------------------------------------------------- reporting
+def _ok(case_results: list[CaseResult]) -> dict[tuple[str, int, int], CaseResult]:
+    return {(c.params["path"], c.params["kernel"], c.params["channels"]): c for c in case_results if c.status == "ok"}
+
+
+def _peak(case: CaseResult) -> float:
+    return case.metrics.get("peak_extra_bytes", case.metrics.get("peak_rss_growth_bytes", 0.0))
+
+
+def derive(case_results: list[CaseResult]) -> list[Derived]:
+    ok = _ok(case_results)
+    out = []
+    for (path, k, c), case in sorted(ok.items()):
+        if path != "naive" or ("efficient", k, c) not in ok:
+            continue
+        eff = ok[("efficient", k, c)]
+        r = ratio_of_medians(case.samples["stat_grad_s"], eff.samples["stat_grad_s"])
+        out.append(Derived(NAME, f"speedup {k}x{k} C={c}", r.median, r.ci_low, r.ci_high))
+        out.append(Derived(NAME, f"stored memory ratio {k}x{k} C={c}",
+                           case.metrics["stored_bytes_per_step"] / eff.metrics["stored_bytes_per_step"]))
+    for path in PATHS:
+        for k in KERNELS:
+            points = sorted((c, case.metrics["stat_grad_median_s"]) for (p, kk, c), case in ok.items() if p == path and kk == k)
+            if len(points) >= 2:
+                slope = loglog_slope([c for c, _ in points], [t for _, t in points])
+                out.append(Derived(NAME, f"time slope in C, {path} {k}x{k}", slope,
+                                   note=f"fitted over C={points[0][0]}..{points[-1][0]}"))
+    return out
+
+
+def tables(run: RunResult) -> list[Table]:
+    cases_here = [c for c in run.cases if c.suite == NAME]
+    if not cases_here:
+        return []
+    derived = {d.name: d for d in run.derived if d.suite == NAME}
+    p = PROFILES[run.profile]
+    rows = []
+    for case in cases_here:
+        k, c, path = case.params["kernel"], case.params["channels"], case.params["path"]
+        if case.status != "ok":
+            why = (case.notes or [case.error or ""])[0]
+            rows.append([f"{k}x{k}", str(c), path, case.status, why[:70], "", ""])
+            continue
+        speed = derived.get(f"speedup {k}x{k} C={c}") if path == "naive" else None
+        rows.append([f"{k}x{k}", str(c), path, f"{1e3 * case.metrics['stat_grad_median_s']:.3g}",
+                     report.fmt_bytes(case.metrics["stored_bytes_per_step"]), report.fmt_bytes(_peak(case)),
+                     "" if speed is None else report.fmt_ratio(speed.value, speed.ci_low, speed.ci_high)])
+    slopes = [f"{name.removeprefix('time slope in C, ')}: {d.value:.2f} ({d.note})" for name, d in derived.items()
+              if name.startswith("time slope")]
+    caption = [
+        f"one conv + CBN statistic work per step on {p.batch}xCx{p.height_px}x{p.width_px}, C_in = C_out = C; "
+        "time = median of interleaved rounds; stored = history kept per past step; peak = "
+        + ("extra CUDA memory allocated during the work" if run.device == "cuda" else "growth of the process peak RSS"),
+        "log-log slopes of time in C: " + ("; ".join(slopes) if slopes else "-"),
+    ]
+    title = f"Statistic-gradient paths, profile {run.profile}, on {run.environment.device_name}"
+    return [Table(title, ["kernel", "C", "path", "time ms", "stored/step", "peak", "naive/efficient time"], rows, caption)]
+
+
+def figures(run: RunResult, stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.results import write_atomic
+
+    ok = _ok([c for c in run.cases if c.suite == NAME])
+    if not ok:
+        return []
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for path in PATHS:
+        for k in KERNELS:
+            points = sorted((c, case) for (p, kk, c), case in ok.items() if p == path and kk == k)
+            if not points:
+                continue
+            cs = [c for c, _ in points]
+            style = dict(marker="o" if path == "efficient" else "s", linestyle="-" if k == 3 else "--", label=f"{path} {k}x{k}")
+            ax_time.plot(cs, [1e3 * case.metrics["stat_grad_median_s"] for _, case in points], **style)
+            ax_mem.plot(cs, [case.metrics["stored_bytes_per_step"] for _, case in points], **style)
+    for ax, label in ((ax_time, "time per step (ms)"), (ax_mem, "stored per past step (bytes)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("channels C (C_in = C_out)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"CBN statistic gradients: efficient vs naive ({run.profile}, {run.environment.device_name})")
+    fig.tight_layout()
+    path = stem.with_name(stem.name + "_gradpath.png")
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+    return [path]
