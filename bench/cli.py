@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -115,14 +116,25 @@ def suite_options(args: argparse.Namespace, suites: dict) -> dict[str, dict[str,
 
 
 def _run_with_progress(cases, registry, device, threads):
+    total = sum(steps(c) for c in cases)
+    if not console.is_terminal:  # a log (nox, CI): one line per phase instead of a live bar
+        started, done = time.perf_counter(), [0]
+
+        def log(text: str) -> None:
+            console.print(f"[{done[0]}/{total}] {time.perf_counter() - started:6.0f} s  {text}", highlight=False)
+
+        def advance() -> None:
+            done[0] += 1
+
+        return run_cases(cases, registry, device, threads, ProgressHook(describe=log, advance=advance))
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("starting", total=sum(steps(c) for c in cases))
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("starting", total=total)
         hook = ProgressHook(describe=lambda text: progress.update(task, description=text),
                             advance=lambda: progress.advance(task))
         outcome = run_cases(cases, registry, device, threads, hook)
-        progress.update(task, completed=progress.tasks[0].total, description="done")
+        progress.update(task, completed=total, description="done")
     return outcome
 
 

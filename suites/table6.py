@@ -15,7 +15,7 @@ from bench.stats import ratio_of_medians
 from bench.suite import Case, Measurement, Table
 from bench.timing import synchronize, time_call
 from suites.data import synthetic_batch
-from suites.models import DetectorSpec, build_detector
+from suites.models import DetectorSpec, ProposalsAroundObjects, build_detector
 
 NAME = "table6"
 WINDOW = 4
@@ -90,6 +90,7 @@ class DetectionWorkload:
             arch=params["arch"], depth=int(params["depth"]), norm=params["norm"], norm_options=params["norm_options"],
             placement=params["placement"], min_size_px=min(p.height_px, p.width_px), max_size_px=max(p.height_px, p.width_px),
             sampled_rois_per_image=p.sampled_rois_per_image, proposals_per_image=p.proposals_per_image, box_score_thresh=0.0,
+            proposals_around_objects=len(ProposalsAroundObjects.SHIFTS),
         )
         torch.manual_seed(0)
         self.model = build_detector(spec).to(self.device)

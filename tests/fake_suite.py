@@ -1,0 +1,65 @@
+"""A tiny suite for the runner's tests: cases that work, raise, run out of memory, crash or skip."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from bench.results import CaseResult, Derived, RunResult
+from bench.suite import Case, Measurement, Table
+
+NAME = "fake"
+PROFILES = {"smoke": "tiny"}
+OPTIONS: dict = {}
+
+
+def default_profile(device: str) -> str:
+    return "smoke"
+
+
+def cases(profile: str, device: str, options=None) -> list[Case]:
+    return []  # tests build their own Case lists
+
+
+class Workload:
+    def __init__(self, params: dict) -> None:
+        self.params = params
+        self.log = Path(params["log"])
+        if params.get("behaviour") == "raise_on_build":
+            raise RuntimeError("deliberate failure while building")
+
+    def measure(self) -> Measurement:
+        behaviour = self.params.get("behaviour")
+        if behaviour == "oom":
+            hog = bytearray(8 << 30)  # over the case's memory limit: MemoryError
+            return Measurement({"bytes": len(hog)})
+        if behaviour == "crash":
+            os._exit(3)
+        if behaviour == "skip":
+            return Measurement({}, ["not applicable here"], status="skipped")
+        if behaviour == "check_fails":
+            return Measurement({"difference": 1.0}, error="paths disagree")
+        return Measurement({"answer_flops": 42.0}, ["measured"])
+
+    def warmup(self) -> None:
+        pass
+
+    def timed_round(self) -> dict[str, float]:
+        with self.log.open("a") as f:
+            f.write(self.params["label"] + "\n")
+        if self.params.get("behaviour") == "hang":
+            time.sleep(60)
+        return {"work_s": 0.001 * (1 + len(self.params["label"]))}
+
+
+def build(case: Case, device: str) -> Workload:
+    return Workload(case.params)
+
+
+def derive(case_results: list[CaseResult]) -> list[Derived]:
+    return [Derived(NAME, "cases ok", float(sum(c.status == "ok" for c in case_results)))]
+
+
+def tables(run: RunResult) -> list[Table]:
+    return [Table("fake", ["case", "status"], [[c.case, c.status] for c in run.cases])]

@@ -1,0 +1,64 @@
+"""The command line: usage errors exit 2 with a clear message; a smoke run writes JSON, Markdown, PNG."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import cli, results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nosuch"], "unknown suite 'nosuch'; available: table6, gradpath"),
+    (["gradpath", "--profile", "huge"], "suite 'gradpath' has no profile 'huge'"),
+    (["gradpath", "--set", "placement=all"], "no selected suite takes option 'placement'"),
+    (["table6", "--placement", "everywhere"], "table6 option placement='everywhere'"),
+    (["gradpath", "--rounds", "0"], "--rounds must be at least 1"),
+])
+def test_usage_errors_exit_2_and_say_why(args, message, capsys):
+    assert cli.main(args) == 2
+    assert message in " ".join(capsys.readouterr().out.split())
+
+
+def test_show_refuses_a_foreign_file(tmp_path, capsys):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"benchmarks": []}))
+    assert cli.main(["show", str(path)]) == 2
+    assert "not a cbn-bench results file" in capsys.readouterr().out
+
+
+def test_help_lists_the_options():
+    out = bench("run", "--help").stdout
+    for option in ("--profile", "--device", "--rounds", "--out", "--compare", "--placement"):
+        assert option in out
+
+
+@pytest.mark.slow
+def test_smoke_run_of_both_suites_writes_results_and_compares(tmp_path):
+    first = bench("--profile", "smoke", "--rounds", "1", "--out", str(tmp_path))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)
+    assert any(f.endswith("_gradpath.png") for f in files)
+    json_path = next(tmp_path.glob("*.json"))
+    run = results.load(json_path)
+    assert {c.status for c in run.cases} == {"ok"}
+    assert "Table 6, profile smoke" in first.stdout and "Statistic-gradient paths" in first.stdout
+    assert "results written to" in first.stdout
+    cbn_case = run.case("table6", "cbn")
+    assert cbn_case.metrics["train_step_flops"] > run.case("table6", "bn").metrics["train_step_flops"]
+    assert cbn_case.metrics["inference_forward_macs"] == run.case("table6", "bn").metrics["inference_forward_macs"]
+    assert run.case("gradpath", "naive-3x3-C16").metrics["max_relative_difference_to_efficient"] < 1e-3
+
+    second = bench("gradpath", "--profile", "smoke", "--rounds", "1", "--out", str(tmp_path), "--compare", str(json_path))
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "comparison with the previous run" in second.stdout
+    assert len(list(tmp_path.glob("*.json"))) == 2  # the first run was not overwritten

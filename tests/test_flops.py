@@ -1,0 +1,67 @@
+"""FLOP handles against hand-computed counts, and counts that repeat."""
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+import cbn
+from bench.flops import FVCORE_HANDLES, counted_flops, fvcore_forward_flops
+
+# conv 4 -> 6, 3x3, padding 1, on 2x4x8x8: 2*8*8 positions x 6 outputs x (4*3*3) inputs
+CONV_MACS = 2 * 8 * 8 * 6 * 4 * 3 * 3  # 27648
+GRAD_SQ_MACS = CONV_MACS  # d nu/d theta: a weight gradient as large as the conv
+GRAD_MEAN_MACS = 2 * 8 * 8 * 1 * 4 * 3 * 3  # d mu/d theta: one output channel per group
+
+
+def conv_cbn(window: int = 2):
+    net = cbn.convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)), window=window)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(2, 4, 8, 8)
+
+    def step():
+        net(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    return net, x, step
+
+
+def test_fvcore_handle_counts_cbn_weight_gradients_exactly():
+    net, x, step = conv_cbn()
+    step()  # the trace below is then the first call of a new iteration, which records
+    analysis = FlopCountAnalysis(net, (x,)).set_op_handle(**FVCORE_HANDLES)
+    analysis.unsupported_ops_warnings(False)
+    by_op = analysis.by_operator()
+    assert by_op["conv"] == CONV_MACS
+    assert by_op["conv_weight_grad"] == GRAD_SQ_MACS + GRAD_MEAN_MACS
+    assert "cbn::conv_weight_grad" not in analysis.unsupported_ops()
+
+
+def test_flop_counter_formula_for_the_custom_op():
+    y, go = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8)
+    count = counted_flops(lambda: torch.ops.cbn.conv_weight_grad(y, go, [6, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1))
+    assert count == 2 * GRAD_SQ_MACS
+
+
+def test_training_step_counts_include_cbn_and_repeat():
+    counts = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net, x, step = conv_cbn()
+        step()
+        counts.append(counted_flops(step))
+    bn = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6))
+    x = torch.randn(2, 4, 8, 8)
+    bn_count = counted_flops(lambda: bn(x).sum().backward())
+    assert bn_count == 2 * 2 * CONV_MACS  # forward + weight gradient (x needs no gradient)
+    extra = counts[0] - bn_count
+    assert counts[0] == counts[1]
+    assert extra >= 2 * (GRAD_SQ_MACS + GRAD_MEAN_MACS)  # plus the small contractions
+    assert extra < 2 * (GRAD_SQ_MACS + GRAD_MEAN_MACS) * 1.05
+
+
+def test_fvcore_forward_flops_reports_what_it_skipped():
+    net, x, step = conv_cbn()
+    macs, skipped = fvcore_forward_flops(net.eval(), (x,))
+    assert macs == CONV_MACS + 2 * (2 * 6 * 8 * 8)  # fvcore: inference batch norm with affine, 2 per element
+    assert isinstance(skipped, dict)

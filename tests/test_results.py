@@ -1,0 +1,82 @@
+"""Results files: round trip, atomic and never-overwriting writes, upgrades and clear refusals."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from bench import results
+from bench.results import CaseResult, Derived, Environment, ResultsFileError, RunResult
+
+
+def environment() -> Environment:
+    return Environment("cpu: test", 1, None, None, None, "2.15.0", "0.29.2", False, False, True, 2, "test cpu",
+                       "3.11.7", "Linux", "abc", False, "2026-11-24T00:00:00+00:00", "python -m bench", {"fvcore": "0.1.5"})
+
+
+def run_result() -> RunResult:
+    cases = [CaseResult("table6", "bn", {"norm": "bn"}, "ok", None, {"train_step_median_s": 1.25, "train_step_flops": 1e12},
+                        {"train_step_s": [1.2, 1.25, 1.3]}, ["a note"]),
+             CaseResult("table6", "gn", {"norm": "gn"}, "error", "RuntimeError: out of memory")]
+    return RunResult("cpu", "cpu", ["table6"], environment(), cases, [Derived("table6", "gn/bn ratio", 0.9, 0.8, 1.0)])
+
+
+def test_round_trip_keeps_every_value_unrounded(tmp_path):
+    run = run_result()
+    path = results.save_new(run, tmp_path, "run")
+    assert results.load(path) == run
+    assert json.loads(path.read_text())["schema_version"] == results.SCHEMA_VERSION
+
+
+def test_save_new_never_overwrites_and_leaves_no_temp_files(tmp_path):
+    first = results.save_new(run_result(), tmp_path, "run")
+    second = results.save_new(run_result(), tmp_path, "run")
+    assert (first.name, second.name) == ("run.json", "run-2.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-2.json", "run.json"]
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "report.md"
+    results.write_atomic(path, "old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        results.write_atomic(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_an_older_schema_is_upgraded_on_load(tmp_path):
+    data = dataclasses.asdict(run_result())
+    data["schema_version"] = 0
+    data["ratios"] = data.pop("derived")
+    for case in data["cases"]:
+        del case["notes"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    loaded = results.load(path)
+    assert loaded.schema_version == results.SCHEMA_VERSION
+    assert loaded.derived == run_result().derived
+    assert loaded.cases[0].notes == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a JSON results file"),
+    (json.dumps({"benchmarks": []}), "not a cbn-bench results file"),
+    (json.dumps({"schema": "cbn-bench/results", "schema_version": 99}), "schema version 99 is newer"),
+    (json.dumps({"schema": "cbn-bench/results", "schema_version": 1, "profile": "cpu"}), "malformed results file"),
+])
+def test_foreign_or_malformed_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "x.json"
+    path.write_text(content)
+    with pytest.raises(ResultsFileError, match=message):
+        results.load(path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ResultsFileError, match="no such results file"):
+        results.load(tmp_path / "absent.json")
