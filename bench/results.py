@@ -85,16 +85,31 @@ class RunResult:
     def case(self, suite: str, case: str) -> CaseResult | None:
         return next((c for c in self.cases if c.suite == suite and c.case == case), None)
 
+    def cases_of(self, suite: str) -> list[CaseResult]:
+        return [c for c in self.cases if c.suite == suite]
+
+    def derived_of(self, suite: str) -> dict[str, Derived]:
+        return {d.name: d for d in self.derived if d.suite == suite}
+
 
 # ---------------------------------------------------------------------- storage
 def to_json(run: RunResult) -> str:
     return json.dumps(dataclasses.asdict(run), indent=1, allow_nan=True)
 
 
+def _temp_file(folder: Path, prefix: str) -> tuple[int, str]:
+    """A temp file in folder with the mode a plain open() would give (mkstemp's is 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temp file in the same folder, then rename it over path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -113,7 +128,7 @@ def save_new(run: RunResult, folder: Path, stem: str) -> Path:
     exist yet (link fails instead of replacing), then the temp name is removed.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".run.", suffix=".tmp")
+    fd, tmp = _temp_file(folder, ".run.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(to_json(run))

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cbn.functional import CrossIterationNorm
 from cbn.statgrad import GRAD_PATHS, ConvGeometry
 
-_REDUCE_DIMS = (0, 2, 3)
 _UNSET = object()  # the current iteration's compensated window has not been computed yet
 
 
@@ -162,20 +162,13 @@ class CrossIterationBatchNorm2d(nn.Module):
             return self._normalize_with_window(x, past, self._should_record(), captured)
 
     def _normalize_with_window(self, x: Tensor, past: tuple[Tensor, Tensor] | None, record: bool, captured: tuple | None) -> Tensor:
-        x_stats = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        var, mean = torch.var_mean(x_stats, dim=_REDUCE_DIMS, correction=0)
+        past_mean, past_var = past if past is not None else (None, None)
+        out, mean, var, mean_bar, var_bar = CrossIterationNorm.apply(x, self.weight, self.bias, past_mean, past_var, self.eps)
         if record:
-            self._record(x, x_stats, mean.detach(), var.detach(), captured)
-        mean_bar, var_bar, entries = _combine(mean, var, past)
-        self._update_running_stats(mean_bar.detach(), var_bar.detach(), entries * (x.numel() // x.shape[1]))
-        scale = torch.rsqrt(var_bar + self.eps)
-        if self.affine:
-            scale = scale * self.weight
-        shift = -mean_bar * scale
-        if self.affine:
-            shift = shift + self.bias
-        out = x_stats * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-        return out.to(x.dtype)
+            self._record(x, mean, var, captured)
+        entries = 1 if past is None else 1 + past[0].shape[0]
+        self._update_running_stats(mean_bar, var_bar, entries * (x.numel() // x.shape[1]))
+        return out
 
     def _batch_norm(self, x: Tensor) -> Tensor:
         """Window 1: BatchNorm2d itself (same kernel, same running-statistics update)."""
@@ -260,11 +253,11 @@ class CrossIterationBatchNorm2d(nn.Module):
         return conv.weight.detach().to(dtype), bias
 
     @torch.no_grad()
-    def _record(self, x: Tensor, x_stats: Tensor, mean: Tensor, var: Tensor, captured: tuple | None) -> None:
+    def _record(self, x: Tensor, mean: Tensor, var: Tensor, captured: tuple | None) -> None:
         """Store this iteration's statistics (and what compensating them later needs) in its slot."""
         entry = {"mean": mean, "var": var}
         if self.compensate:
-            entry.update(self._statistic_gradients(x, x_stats, mean, captured))
+            entry.update(self._statistic_gradients(x, mean, captured))
         finite = torch.stack([torch.isfinite(v).all() for v in (mean, var, *entry.values())]).all()
         if not bool(finite):  # one host sync per recorded step: the history must stay clean
             raise FloatingPointError(
@@ -278,7 +271,7 @@ class CrossIterationBatchNorm2d(nn.Module):
             buffer[slot].copy_(value)
         self._slot_iterations[slot] = self._iteration
 
-    def _statistic_gradients(self, x: Tensor, x_stats: Tensor, mean: Tensor, captured: tuple | None) -> dict[str, Tensor]:
+    def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple | None) -> dict[str, Tensor]:
         conv = self._require_conv()
         if captured is None or captured[1] is not x:
             bound = f"'{self._conv_name}'" if self._conv_name else "its bound conv"
@@ -287,10 +280,10 @@ class CrossIterationBatchNorm2d(nn.Module):
                 "weight gradient would be wrong. Bind the layer to the nn.Conv2d that directly feeds it "
                 "(cbn.convert(model) pairs them), or use compensate=False."
             )
-        y = captured[0].to(x_stats.dtype)
+        dtype = mean.dtype  # float32, or float64 for float64 inputs
+        y, x_stats = captured[0].to(dtype), x.to(dtype)
         geometry = self._geometry()
         path = GRAD_PATHS[self.grad_path]
-        dtype = x_stats.dtype
         weight = conv.weight.detach().to(dtype)
         bias = None if conv.bias is None else conv.bias.detach().to(dtype)
         fields = path.compute(y, x_stats, weight, bias, geometry)
@@ -417,18 +410,6 @@ class CrossIterationBatchNorm2d(nn.Module):
         if self._conv is not None:
             text += f", conv={tuple(self._conv.weight.shape)}"
         return text
-
-
-def _combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, int]:
-    """Eq. 9-11: average the current statistics with the compensated past ones."""
-    if past is None:
-        return mean, var, 1
-    past_mean, past_var = (p.to(mean.dtype) for p in past)
-    entries = 1 + past_mean.shape[0]
-    mean_bar = (mean + past_mean.sum(0)) / entries
-    spread = (mean - mean_bar).square() + (past_mean - mean_bar).square().sum(0)
-    var_bar = (var + past_var.sum(0) + spread) / entries
-    return mean_bar, var_bar, entries
 
 
 def _all_path_fields(grad_path: str) -> list[str]:

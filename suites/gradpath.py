@@ -8,6 +8,7 @@ records the largest difference, so every run checks that the two paths agree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ PATHS = ("efficient", "naive")
 KERNELS = (3, 1)
 AGREEMENT_TOLERANCE = 1e-3  # relative, float32
 SLOPE_POINTS = 3
+BLOCK_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -129,10 +131,14 @@ class StatGradWorkload:
         return {"peak_rss_growth_bytes": memory.peak_rss_bytes() - base}, result
 
     def warmup(self) -> None:
-        self.work()
+        # Calls of a millisecond are timed in blocks of at least BLOCK_S, so that one sample is
+        # not one scheduler hiccup: the calls per block are fixed here, from the warm-up call.
+        once = time_call(self.work, self.device)
+        self.calls_per_sample = max(1, math.ceil(BLOCK_S / max(once, 1e-6)))
 
     def timed_round(self) -> dict[str, float]:
-        return {"stat_grad_s": time_call(self.work, self.device)}
+        block = time_call(lambda: [self.work() for _ in range(self.calls_per_sample)], self.device)
+        return {"stat_grad_s": block / self.calls_per_sample}
 
 
 def build(case: Case, device: str) -> StatGradWorkload:
@@ -172,10 +178,10 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
 
 
 def tables(run: RunResult) -> list[Table]:
-    cases_here = [c for c in run.cases if c.suite == NAME]
+    cases_here = run.cases_of(NAME)
     if not cases_here:
         return []
-    derived = {d.name: d for d in run.derived if d.suite == NAME}
+    derived = run.derived_of(NAME)
     p = PROFILES[run.profile]
     rows = []
     for case in cases_here:
@@ -192,7 +198,7 @@ def tables(run: RunResult) -> list[Table]:
               if name.startswith("time slope")]
     caption = [
         f"one conv + CBN statistic work per step on {p.batch}xCx{p.height_px}x{p.width_px}, C_in = C_out = C; "
-        "time = median of interleaved rounds; stored = history kept per past step; peak = "
+        "time = median of interleaved rounds, each a block of calls of at least 0.2 s; stored = history kept per past step; peak = "
         + ("extra CUDA memory allocated during the work" if run.device == "cuda" else "growth of the process peak RSS"),
         "log-log slopes of time in C: " + ("; ".join(slopes) if slopes else "-"),
     ]
@@ -208,7 +214,7 @@ def figures(run: RunResult, stem: Path) -> list[Path]:
 
     from bench.results import write_atomic
 
-    ok = _ok([c for c in run.cases if c.suite == NAME])
+    ok = _ok(run.cases_of(NAME))
     if not ok:
         return []
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))

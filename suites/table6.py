@@ -214,10 +214,10 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
 
 
 def tables(run: RunResult) -> list[Table]:
-    cases_here = [c for c in run.cases if c.suite == NAME]
+    cases_here = run.cases_of(NAME)
     if not cases_here:
         return []
-    derived = {d.name: d for d in run.derived if d.suite == NAME}
+    derived = run.derived_of(NAME)
     p = PROFILES[run.profile]
     params = cases_here[0].params
     rows = [_row(c, derived) for c in cases_here]
@@ -258,7 +258,7 @@ def _row(case: CaseResult, derived: dict[str, Derived]) -> list[str]:
 
 
 def _rounds(run: RunResult) -> int:
-    return max((len(c.samples.get("train_step_s", [])) for c in run.cases if c.suite == NAME), default=0)
+    return max((len(c.samples.get("train_step_s", [])) for c in run.cases_of(NAME)), default=0)
 
 
 def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
