@@ -151,12 +151,12 @@ class CrossIterationBatchNorm2d(nn.Module):
             self._require_conv()  # fail on the first training step, not after burn-in
         captured, self._captured = self._captured, None
         self._advance_iteration()
-        # The statistics, the history and the compensation run with autocast off: the compensation
-        # subtracts nearly equal dot products, which bfloat16/float16 would cancel away.
         # Plain BN only while no window can exist this iteration; the choice must not depend on
         # whether this call records, or a checkpoint's recompute would run different ops.
         if self.window == 1 or self._iteration < self.burn_in or x.numel() == 0:
             return self._batch_norm(x)
+        # The statistics, the history and the compensation run with autocast off: the compensation
+        # subtracts nearly equal dot products, which bfloat16/float16 would cancel away.
         with torch.autocast(x.device.type, enabled=False):
             past = self._past_window()
             return self._normalize_with_window(x, past, self._should_record(), captured)

@@ -4,7 +4,7 @@ each norm in a detection model, with ratios to BN and the paper's ratios beside 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
