@@ -10,12 +10,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bench import env, report, results
 from bench.runner import ProgressHook, run_cases, steps
-from bench.suite import load_suite
+from bench.suite import Table, load_suite
 
 SUITES_PACKAGE = "suites"  # a package whose SUITES maps suite names to modules
 DEFAULT_OUT = Path("results") / "runs"
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.suites or list(registry)
     suites = {name: load_suite(registry, name) for name in names}
     device = args.device or env.best_device()
-    if device == "cuda" and not env.torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device; drop --device to use the CPU profile")
     profile = args.profile or next(iter(suites.values())).default_profile(device)
     for name, suite in suites.items():
@@ -168,9 +169,7 @@ def _preamble(run_result: results.RunResult) -> list[str]:
     ]
 
 
-def compare_table(previous: results.RunResult, current: results.RunResult):
-    from bench.suite import Table
-
+def compare_table(previous: results.RunResult, current: results.RunResult) -> Table:
     if (previous.profile, previous.environment.device_name) != (current.profile, current.environment.device_name):
         raise ValueError(
             f"--compare: the previous run is profile {previous.profile!r} on {previous.environment.device_name!r}, this one "

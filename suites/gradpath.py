@@ -8,6 +8,7 @@ records the largest difference, so every run checks that the two paths agree.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from bench import memory, report
-from bench.results import CaseResult, Derived, RunResult
+from bench.results import CaseResult, Derived, RunResult, write_atomic
 from bench.stats import loglog_slope, ratio_of_medians
 from bench.suite import Case, Measurement, Table
 from bench.timing import synchronize, time_call
@@ -212,8 +213,6 @@ def figures(run: RunResult, stem: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.results import write_atomic
-
     ok = _ok(run.cases_of(NAME))
     if not ok:
         return []
@@ -237,8 +236,6 @@ def figures(run: RunResult, stem: Path) -> list[Path]:
     fig.suptitle(f"CBN statistic gradients: efficient vs naive ({run.profile}, {run.environment.device_name})")
     fig.tight_layout()
     path = stem.with_name(stem.name + "_gradpath.png")
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)

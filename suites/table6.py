@@ -124,7 +124,6 @@ class DetectionWorkload:
         metrics = {"train_step_flops": flops.counted_flops(self.train_step)}
         torch.manual_seed(1)
         metrics["forward_macs"], skipped = flops.fvcore_forward_flops(_TrainForward(self), ())
-        self.optimizer.zero_grad(set_to_none=True)
         self.train_step()  # ends the traced iteration with an optimizer step
         torch.manual_seed(1)
         metrics.update(self._memory(notes))
