@@ -1,4 +1,5 @@
-"""Command line: `python -m bench [run] [SUITE ...] [options]` and `python -m bench show FILE`."""
+"""Command line: `python -m bench [run] [SUITE ...] [options]`, `show FILE`, and the regression
+commands `gate`, `baseline` and `micro` (bench/regression.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import dataclasses
 import importlib
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from rich.console import Console
@@ -16,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench import env, report, results
 from bench.runner import ProgressHook, run_cases, steps
-from bench.suite import Table, load_suite
+from bench.suite import Case, Table, load_suite
 
 SUITES_PACKAGE = "suites"  # a package whose SUITES maps suite names to modules
 DEFAULT_OUT = Path("results") / "runs"
@@ -46,58 +49,98 @@ def parser() -> argparse.ArgumentParser:
         run.add_argument(f"--{key}", help=f"{help_text}; same as --set {key}=...")
     show = sub.add_parser("show", help="print the tables of a stored results file")
     show.add_argument("file", type=Path)
+    from bench import regression  # it builds on this module's run machinery
+
+    regression.add_parsers(sub)
     return p
+
+
+COMMANDS = ("run", "show", "gate", "baseline", "micro")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "show", "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "run")
     args = parser().parse_args(argv)
+    from bench import regression
+
+    commands = {"run": run, "show": lambda a: show(a.file), "gate": regression.gate_command,
+                "baseline": regression.baseline_command, "micro": regression.micro_command}
     try:
-        if args.command == "show":
-            return show(args.file)
-        return run(args)
-    except (ValueError, results.ResultsFileError) as err:
+        return commands[args.command](args)
+    except (ValueError, results.ResultsFileError) as err:  # ThresholdsError and GateError are ValueErrors
         console.print(f"[red]error:[/red] {err}")
         return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do: validated suites, device, profile and cases."""
+
+    names: list[str]
+    suites: dict[str, ModuleType]
+    device: str
+    profile: str
+    cases: list[Case]
+
+
+def plan(names: list[str], profile: str | None, device: str | None, rounds: int | None = None,
+         options: dict[str, dict[str, str]] | None = None) -> Plan:
+    registry = suite_registry()
+    names = names or list(registry)
+    suites = {name: load_suite(registry, name) for name in names}
+    device = device or env.best_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device; drop --device to use the CPU profile")
+    profile = profile or next(iter(suites.values())).default_profile(device)
+    for name, suite in suites.items():
+        if profile not in suite.PROFILES:
+            raise ValueError(f"suite {name!r} has no profile {profile!r}; it has: {', '.join(suite.PROFILES)}")
+    if rounds is not None and rounds < 1:
+        raise ValueError("--rounds must be at least 1")
+    options = options or {}
+    cases = [c for name, suite in suites.items() for c in suite.cases(profile, device, options.get(name, {}))]
+    if rounds is not None:
+        cases = [dataclasses.replace(c, rounds=rounds) for c in cases]
+    return Plan(names, suites, device, profile, cases)
+
+
+def execute(p: Plan, threads: int | None, out: Path) -> tuple[results.RunResult, list[Path], bool]:
+    """Run the plan's cases, store and print the results: (run, files written, interrupted)."""
+    if threads:
+        torch.set_num_threads(threads)  # the workers' count, so the environment records it
+    environment = env.capture(p.device)
+    console.print(f"cbn-bench: {len(p.cases)} cases of {', '.join(p.names)} at profile [bold]{p.profile}[/bold] "
+                  f"on {environment.device_name}")
+    case_results, interrupted = _run_with_progress(p.cases, suite_registry(), p.device, threads)
+    derived = [d for name, suite in p.suites.items() for d in suite.derive([c for c in case_results if c.suite == name])]
+    run_result = results.RunResult(p.profile, p.device, p.names, environment, case_results, derived)
+    paths = _store(run_result, p.suites, out)
+    report.print_tables(_tables(run_result, p.suites), console)
+    console.print("results written to:\n" + "\n".join(f"  {path}" for path in paths))
+    for case in case_results:
+        if case.status == "error":
+            console.print(f"[red]{case.suite}/{case.case} failed:[/red] {case.error.splitlines()[0] if case.error else ''}")
+    if interrupted:
+        console.print("[yellow]interrupted: the results above hold every case that finished[/yellow]")
+    return run_result, paths, interrupted
 
 
 def run(args: argparse.Namespace) -> int:
     registry = suite_registry()
-    names = args.suites or list(registry)
-    suites = {name: load_suite(registry, name) for name in names}
-    device = args.device or env.best_device()
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device; drop --device to use the CPU profile")
-    profile = args.profile or next(iter(suites.values())).default_profile(device)
-    for name, suite in suites.items():
-        if profile not in suite.PROFILES:
-            raise ValueError(f"suite {name!r} has no profile {profile!r}; it has: {', '.join(suite.PROFILES)}")
-    if args.rounds is not None and args.rounds < 1:
-        raise ValueError("--rounds must be at least 1")
+    chosen = {name: load_suite(registry, name) for name in (args.suites or registry)}
+    p = plan(args.suites, args.profile, args.device, args.rounds, suite_options(args, chosen))
     previous = results.load(args.compare) if args.compare else None
-    options = suite_options(args, suites)
-    cases = [c for name, suite in suites.items() for c in suite.cases(profile, device, options[name])]
-    if args.rounds is not None:
-        cases = [dataclasses.replace(c, rounds=args.rounds) for c in cases]
-    environment = env.capture(device)
-    console.print(f"cbn-bench: {len(cases)} cases of {', '.join(names)} at profile [bold]{profile}[/bold] on {environment.device_name}")
-    case_results, interrupted = _run_with_progress(cases, registry, device, args.threads)
-    derived = [d for name, suite in suites.items() for d in suite.derive([c for c in case_results if c.suite == name])]
-    run_result = results.RunResult(profile, device, names, environment, case_results, derived)
-    paths = _store(run_result, suites, args.out)
-    report.print_tables(_tables(run_result, suites), console)
+    run_result, _, interrupted = execute(p, args.threads, args.out)
     if previous is not None:
         report.print_tables([compare_table(previous, run_result)], console)
-    console.print("results written to:\n" + "\n".join(f"  {p}" for p in paths))
-    failed = [c for c in case_results if c.status == "error"]
-    for case in failed:
-        console.print(f"[red]{case.suite}/{case.case} failed:[/red] {case.error.splitlines()[0] if case.error else ''}")
     if interrupted:
-        console.print("[yellow]interrupted: the results above hold every case that finished[/yellow]")
         return 130
-    return 1 if failed else 0
+    return 1 if any(c.status == "error" for c in run_result.cases) else 0
 
 
 def suite_options(args: argparse.Namespace, suites: dict) -> dict[str, dict[str, str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "cbn-bench/results"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("ok", "error", "skipped", "interrupted")
 
 
@@ -69,6 +69,7 @@ class Derived:
     ci_low: float | None = None
     ci_high: float | None = None
     note: str = ""
+    timing: bool = False  # computed from timing samples (so noisy); otherwise from deterministic counts
 
 
 @dataclass(frozen=True)
@@ -160,11 +161,25 @@ def _upgrade_0_to_1(data: dict) -> dict:
     return data
 
 
-UPGRADES = {0: _upgrade_0_to_1}
+def _upgrade_1_to_2(data: dict) -> dict:
+    # Version 1 had no timing flag on derived figures; its timing figures were the ratios with an
+    # interval, the log-log time slopes and CBN's step-time over FLOP ratio.
+    data = dict(data, schema_version=2)
+    for d in data.get("derived", []):
+        d.setdefault("timing", d.get("ci_low") is not None or "slope" in d["name"] or "step-time" in d["name"])
+    return data
+
+
+UPGRADES = {0: _upgrade_0_to_1, 1: _upgrade_1_to_2}
 
 
 def load(path: str | Path) -> RunResult:
     """Read a results file, upgrading older schema versions; refuse anything else clearly."""
+    return load_with_version(path)[0]
+
+
+def load_with_version(path: str | Path) -> tuple[RunResult, int]:
+    """The run (upgraded to the current schema) and the schema version the file was written in."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -174,7 +189,7 @@ def load(path: str | Path) -> RunResult:
         raise ResultsFileError(f"{path}: not a JSON results file ({err})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ResultsFileError(f"{path}: not a cbn-bench results file (no \"schema\": \"{SCHEMA}\" field)")
-    version = data.get("schema_version")
+    stored = version = data.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise ResultsFileError(
             f"{path}: schema version {version!r} is newer than this cbn-bench understands ({SCHEMA_VERSION}); upgrade cbn-bench"
@@ -183,7 +198,7 @@ def load(path: str | Path) -> RunResult:
         data = UPGRADES[version](data)
         version = data["schema_version"]
     try:
-        return RunResult(
+        run = RunResult(
             profile=data["profile"],
             device=data["device"],
             suites=list(data["suites"]),
@@ -195,3 +210,4 @@ def load(path: str | Path) -> RunResult:
         )
     except (KeyError, TypeError) as err:
         raise ResultsFileError(f"{path}: malformed results file ({err})") from None
+    return run, stored

@@ -45,6 +45,7 @@ PROFILES = {
     # stride-8 level of an 800x1216 image, 2 images per device
     "paper": Profile((16, 32, 64, 128, 256, 512), 2, 100, 152, rounds=10, naive_budget_bytes=None),
     "cpu": Profile((16, 32, 64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=8 << 30),
+    "quick": Profile((64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=8 << 30),  # the CI gate's
     "smoke": Profile((8, 16), 1, 8, 12, rounds=2, naive_budget_bytes=1 << 30),
 }
 OPTIONS: dict[str, tuple[str, ...]] = {}
@@ -163,7 +164,7 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
             continue
         eff = ok[("efficient", k, c)]
         r = ratio_of_medians(case.samples["stat_grad_s"], eff.samples["stat_grad_s"])
-        out.append(Derived(NAME, f"speedup {k}x{k} C={c}", r.median, r.ci_low, r.ci_high))
+        out.append(Derived(NAME, f"speedup {k}x{k} C={c}", r.median, r.ci_low, r.ci_high, timing=True))
         out.append(Derived(NAME, f"stored memory ratio {k}x{k} C={c}",
                            case.metrics["stored_bytes_per_step"] / eff.metrics["stored_bytes_per_step"]))
     for path in PATHS:
@@ -174,7 +175,7 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
             if len(points) >= 2:
                 slope = loglog_slope([c for c, _ in points], [t for _, t in points])
                 out.append(Derived(NAME, f"time slope in C, {path} {k}x{k}", slope,
-                                   note=f"fitted over C={points[0][0]}..{points[-1][0]}"))
+                                   note=f"fitted over C={points[0][0]}..{points[-1][0]}", timing=True))
     return out
 
 

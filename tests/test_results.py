@@ -19,7 +19,8 @@ def run_result() -> RunResult:
     cases = [CaseResult("table6", "bn", {"norm": "bn"}, "ok", None, {"train_step_median_s": 1.25, "train_step_flops": 1e12},
                         {"train_step_s": [1.2, 1.25, 1.3]}, ["a note"]),
              CaseResult("table6", "gn", {"norm": "gn"}, "error", "RuntimeError: out of memory")]
-    return RunResult("cpu", "cpu", ["table6"], environment(), cases, [Derived("table6", "gn/bn ratio", 0.9, 0.8, 1.0)])
+    return RunResult("cpu", "cpu", ["table6"], environment(), cases, [Derived("table6", "gn/bn train iter/s ratio", 0.9, 0.8, 1.0, timing=True),
+                                                            Derived("table6", "gn/bn train_step_flops ratio", 1.0)])
 
 
 def test_round_trip_keeps_every_value_unrounded(tmp_path):
@@ -64,11 +65,24 @@ def test_an_older_schema_is_upgraded_on_load(tmp_path):
     assert loaded.cases[0].notes == []
 
 
+def test_version_1_learns_which_derived_figures_are_timing(tmp_path):
+    data = dataclasses.asdict(run_result())
+    data["schema_version"] = 1
+    for d in data["derived"]:
+        del d["timing"]
+    data["derived"].append({"suite": "gradpath", "name": "time slope in C, efficient 3x3", "value": 1.9})
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data))
+    run, stored = results.load_with_version(path)
+    assert stored == 1 and run.schema_version == 2
+    assert [d.timing for d in run.derived] == [True, False, True]
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not a JSON results file"),
     (json.dumps({"benchmarks": []}), "not a cbn-bench results file"),
     (json.dumps({"schema": "cbn-bench/results", "schema_version": 99}), "schema version 99 is newer"),
-    (json.dumps({"schema": "cbn-bench/results", "schema_version": 1, "profile": "cpu"}), "malformed results file"),
+    (json.dumps({"schema": "cbn-bench/results", "schema_version": 2, "profile": "cpu"}), "malformed results file"),
 ])
 def test_foreign_or_malformed_files_are_refused(tmp_path, content, message):
     path = tmp_path / "x.json"

@@ -1,0 +1,259 @@
+"""The regression gate: a run's metrics against a stored baseline, under a thresholds file's rules.
+
+Metric names are ``<suite>.<case>.<metric>`` for a case's figure (``table6.cbn.train_step_flops``),
+``<suite>.<figure>`` for a derived one (``table6.cbn/bn train iter/s ratio``) and
+``micro.<group>.<norm>/<reference> time ratio`` for the micro-benchmarks. Timing enters only as
+ratios measured within one run, never as seconds from another machine. A timing rule that fails
+may be re-measured once before it counts; a deterministic rule's first verdict is final.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bench import micro, report, results
+from bench.results import ResultsFileError, RunResult
+from bench.suite import Table
+from bench.thresholds import Rule
+
+MICRO_SUITE = "micro"
+STATUSES = ("pass", "fail", "missing", "new")  # missing and fail fail the gate
+
+
+class GateError(ValueError):
+    """A comparison the gate refuses to make (usage problem: exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    value: float
+    timing: bool  # from timing samples: noisy, so a failure may be re-measured once
+
+
+@dataclass(frozen=True)
+class Source:
+    """One results file or micro-benchmark file, reduced to what the gate compares."""
+
+    path: str
+    schema: str  # name and version, e.g. "cbn-bench/results v2"
+    device_class: str
+    profile: str
+    suites: tuple[str, ...]
+    metrics: dict[str, Metric]
+    absent: dict[str, str] = field(default_factory=dict)  # "<suite>.<case>" -> why it has no figures
+    cpu_model: str = ""
+    threads: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.schema.split(" ")[0]
+
+
+def device_class(device: str, device_name: str) -> str:
+    """What a baseline is kept per: "cpu" for any CPU (ratios only), else the GPU model."""
+    return "cpu" if device == "cpu" else results.slug(device_name)
+
+
+def from_run(run: RunResult, path: str, stored_version: int) -> Source:
+    metrics: dict[str, Metric] = {}
+    absent = {}
+    for case in run.cases:
+        if case.status != "ok":
+            why = (case.error or "; ".join(case.notes) or "").strip().splitlines()
+            absent[f"{case.suite}.{case.case}"] = f"{case.status}: {why[0][:120] if why else ''}".rstrip(": ")
+            continue
+        for name, value in case.metrics.items():
+            metrics[f"{case.suite}.{case.case}.{name}"] = Metric(value, timing=name.endswith("_s"))
+    for d in run.derived:
+        metrics[f"{d.suite}.{d.name}"] = Metric(d.value, timing=d.timing)
+    e = run.environment
+    return Source(path, f"{run.schema} v{stored_version}", device_class(run.device, e.device_name), run.profile,
+                  tuple(run.suites), metrics, absent, e.cpu_model, e.threads)
+
+
+def from_micro(run: micro.MicroRun) -> Source:
+    references = run.reference_norms
+    metrics = {f"{MICRO_SUITE}.{group}.{norm}/{references[group]} time ratio": Metric(value, timing=True)
+               for (group, norm), (value, _, _) in run.ratios().items() if norm != references[group]}
+    e = run.environment
+    return Source(run.path, f"{micro.SCHEMA} v{run.schema_version}", device_class(run.device, e.get("device_name", "")),
+                  run.profile, (MICRO_SUITE,), metrics, {}, e.get("cpu_model", ""), e.get("threads"))
+
+
+def load_source(path: str | Path) -> Source:
+    """A cbn-bench results file or a micro-benchmark JSON, told apart by their content."""
+    try:
+        run, stored = results.load_with_version(path)
+        return from_run(run, str(path), stored)
+    except ResultsFileError as err:
+        if "not a cbn-bench results file" not in str(err):
+            raise
+    try:
+        return from_micro(micro.load(path))
+    except ResultsFileError:
+        raise ResultsFileError(f"{path}: neither a cbn-bench results file nor a micro-benchmark file") from None
+
+
+def baseline_path(folder: Path, source_kind: str, device_cls: str, profile: str) -> Path:
+    name = "micro.json" if source_kind == micro.SCHEMA else f"{profile}.json"
+    return folder / device_cls / name
+
+
+def pair(baselines: list[Source], currents: list[Source]) -> list[str]:
+    """Check each current source against the baseline of its kind; notes on lesser differences."""
+    by_kind = {b.kind: b for b in baselines}
+    seen: dict[str, str] = {}
+    notes = []
+    for current in currents:
+        for suite in current.suites:
+            if suite in seen:
+                raise GateError(f"suite {suite!r} is in both {seen[suite]} and {current.path}: give one results file per suite")
+            seen[suite] = current.path
+        baseline = by_kind.get(current.kind)
+        if baseline is None:
+            raise GateError(f"no baseline given for {current.path} ({current.kind}); pass one with --baseline")
+        notes += check_comparable(baseline, current)
+    return notes
+
+
+def check_comparable(baseline: Source, current: Source) -> list[str]:
+    """Refuse unlike comparisons (device class, profile, schema); note CPU model or thread changes."""
+    for what, old, new in (("device class", baseline.device_class, current.device_class),
+                           ("profile", baseline.profile, current.profile), ("schema", baseline.schema, current.schema)):
+        if old != new:
+            fix = ("refresh the baseline: python -m bench baseline" if what == "schema" else
+                   f"compare with a baseline of {what} {new!r} (python -m bench baseline makes one), or rerun at {old!r}")
+            raise GateError(f"refusing to compare: the baseline {baseline.path} is {what} {old!r}, the current "
+                            f"{current.path} is {new!r}; {fix}")
+    notes = []
+    if baseline.cpu_model != current.cpu_model:
+        notes.append(f"CPU differs from the baseline's ({baseline.cpu_model!r} vs {current.cpu_model!r}): "
+                     "timing ratios may shift")
+    if baseline.threads != current.threads:
+        notes.append(f"{current.path}: {current.threads} threads, the baseline {baseline.threads}")
+    return notes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    metric: str
+    rule: Rule
+    status: str  # one of STATUSES
+    baseline: float | None = None
+    current: float | None = None
+    timing: bool = False
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("fail", "missing")
+
+
+def _merge(sources: list[Source]) -> tuple[dict[str, Metric], dict[str, str]]:
+    metrics, absent = {}, {}
+    for source in sources:
+        metrics.update(source.metrics)
+        absent.update(source.absent)
+    return metrics, absent
+
+
+def evaluate(rules: list[Rule], baselines: list[Source], currents: list[Source]) -> list[Verdict]:
+    """One verdict per (rule, metric) for the suites the current sources hold."""
+    base, _ = _merge(baselines)
+    now, absent = _merge(currents)
+    names = sorted(set(base) | set(now))
+    _check_one_rule_per_metric(rules, names)
+    run_suites = {s for source in currents for s in source.suites}
+    verdicts = []
+    for rule in rules:
+        if rule.suite not in run_suites:
+            continue
+        matched = [n for n in names if rule.matches(n)]
+        if not matched:
+            verdicts.append(Verdict(rule.pattern, rule, "missing", note="no metric of this name in the baseline or this run"))
+        verdicts += [judge(rule, name, base.get(name), now.get(name), absent) for name in matched]
+    return verdicts
+
+
+def judge(rule: Rule, name: str, base: Metric | None, now: Metric | None, absent: dict[str, str]) -> Verdict:
+    timing = (now or base).timing
+    b = None if base is None else base.value
+    if now is None:
+        return Verdict(name, rule, "missing", b, None, timing, note=_why_absent(name, absent))
+    if rule.needs_baseline and base is None:
+        return Verdict(name, rule, "new", None, now.value, timing, note="not in the baseline: refresh it to gate this")
+    return Verdict(name, rule, "pass" if rule.holds(now.value, b) else "fail", b, now.value, timing)
+
+
+def _why_absent(name: str, absent: dict[str, str]) -> str:
+    suite, case = (name.split(".") + [""])[:2]
+    if f"{suite}.{case}" in absent:
+        return f"not in this run: case {case} {absent[f'{suite}.{case}']}"
+    failed = [f"{key.split('.', 1)[1]} ({why})" for key, why in absent.items() if key.startswith(f"{suite}.")]
+    return "not in this run" + (f"; cases without figures: {', '.join(failed)}" if failed else "")
+
+
+def _check_one_rule_per_metric(rules: list[Rule], names: list[str]) -> None:
+    entries = list({r.pattern: r for r in rules}.values())  # a list of rules for one key is one entry
+    for name in names:
+        matching = [r for r in entries if r.matches(name)]
+        if len(matching) > 1:
+            lines = " and ".join(f"line {r.line} ({r.pattern!r})" for r in matching)
+            raise GateError(f"thresholds: {name!r} is matched by {lines}; one rule per metric, narrow a pattern")
+
+
+def needs_remeasure(verdicts: list[Verdict]) -> set[str]:
+    """The suites holding a failed timing rule."""
+    return {v.rule.suite for v in verdicts if v.status == "fail" and v.timing}
+
+
+def remeasured(verdicts: list[Verdict], fresh: list[Source]) -> list[Verdict]:
+    """Failed timing verdicts judged again on a fresh measurement; the rest stand."""
+    now, absent = _merge(fresh)
+    out = []
+    for v in verdicts:
+        if v.status == "fail" and v.timing:
+            base = None if v.baseline is None else Metric(v.baseline, True)
+            again = judge(v.rule, v.metric, base, now.get(v.metric), absent)
+            first = f"re-measured once: first {report.fmt(v.current, 4)} failed"
+            v = replace(again, note="; ".join(filter(None, [first, again.note])))
+        out.append(v)
+    return out
+
+
+def not_remeasured(verdicts: list[Verdict], why: str) -> list[Verdict]:
+    return [replace(v, note=f"timing, not re-measured: {why}") if v.status == "fail" and v.timing else v
+            for v in verdicts]
+
+
+def exit_status(verdicts: list[Verdict]) -> int:
+    return 1 if any(v.failed for v in verdicts) else 0
+
+
+_STYLE = {"pass": "[green]pass[/green]", "fail": "[bold red]FAIL[/bold red]", "missing": "[bold red]MISSING[/bold red]",
+          "new": "[yellow]new[/yellow]"}
+
+
+def table(verdicts: list[Verdict], rules: list[Rule], currents: list[Source], notes: list[str]) -> Table:
+    rows = [[v.metric, _fmt(v.baseline), _fmt(v.current), f"{v.rule.text}  (line {v.rule.line})",
+             _STYLE[v.status] + (f" {v.note}" if v.note else "")] for v in verdicts]
+    counts = ", ".join(f"{sum(v.status == s for v in verdicts)} {s}" for s in STATUSES)
+    run_suites = {s for c in currents for s in c.suites}
+    idle = sorted({r.suite for r in rules} - run_suites)
+    caption = [f"{len(verdicts)} checks: {counts}",
+               "timing metrics are ratios within one run; a failed timing rule is re-measured once before it counts",
+               *notes]
+    if idle:
+        caption.append(f"rules for suites not in this run, not checked: {', '.join(idle)}")
+    title = "Regression gate: " + ", ".join(f"{c.path} ({c.profile})" for c in currents)
+    return Table(title, ["metric", "baseline", "current", "rule", "verdict"], rows, caption)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if math.isfinite(value) and value == int(value) and abs(value) >= 1000:
+        return f"{value:,.0f}"  # counts in full: an exact rule's difference must be visible
+    return report.fmt(value, 4)

@@ -1,0 +1,147 @@
+"""Run the pytest-benchmark micro-benchmarks (``suites.MICRO_BENCHMARKS``) and read their JSON.
+
+pytest-benchmark writes one JSON file per run; the suite's conftest adds cbn-bench's environment
+under ``machine_info["cbn_bench"]``. Within each group the benchmark marked ``reference`` in its
+``extra_info`` is the denominator of every ratio, so ratios come from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.results import ResultsFileError, slug
+from bench.stats import ratio_of_medians
+from bench.suite import Table
+
+SCHEMA = "cbn-bench/micro"
+SCHEMA_VERSION = 1
+DEFAULT_OUT = Path("results") / "micro"
+# Every sample is kept (pytest-benchmark stores them under stats.data), so ratios get intervals.
+TIMING_OPTIONS = ("--benchmark-warmup=on", "--benchmark-min-rounds=10", "--benchmark-max-time=1.0",
+                  "--benchmark-disable-gc", "--benchmark-sort=name")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    group: str
+    norm: str
+    reference: bool
+    samples_s: list[float]
+    median_s: float
+
+
+@dataclass(frozen=True)
+class MicroRun:
+    path: str
+    device: str
+    profile: str
+    schema_version: int
+    environment: dict
+    benchmarks: list[Benchmark]
+
+    def ratios(self) -> dict[tuple[str, str], tuple[float, float, float]]:
+        """(group, norm) -> median time over the group reference's, with its bootstrap 95% interval."""
+        out = {}
+        for group in dict.fromkeys(b.group for b in self.benchmarks):
+            members = [b for b in self.benchmarks if b.group == group]
+            reference = next((b for b in members if b.reference), None)
+            if reference is None:
+                continue
+            for b in members:
+                r = ratio_of_medians(b.samples_s, reference.samples_s)
+                out[(group, b.norm)] = (r.median, r.ci_low, r.ci_high)
+        return out
+
+    @property
+    def reference_norms(self) -> dict[str, str]:
+        return {b.group: b.norm for b in self.benchmarks if b.reference}
+
+
+def benchmark_file() -> Path:
+    return Path(importlib.import_module("suites").MICRO_BENCHMARKS)
+
+
+def run(device: str, out: Path, threads: int | None = None, extra_args: tuple[str, ...] = ()) -> Path:
+    """Run the micro-benchmarks in a pytest subprocess; the JSON lands atomically in out."""
+    try:
+        importlib.import_module("pytest_benchmark")
+    except ImportError:
+        raise ValueError("the micro-benchmarks need pytest-benchmark: pip install -e '.[test]' "
+                         "(or use python3 -m nox -s micro)") from None
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    partial = out / f".{stamp}_micro.json.partial"
+    command = [sys.executable, "-m", "pytest", str(benchmark_file()), "-p", "no:cacheprovider", "-q",
+               f"--benchmark-json={partial}", f"--micro-device={device}", *TIMING_OPTIONS, *extra_args]
+    if threads:
+        command.append(f"--micro-threads={threads}")
+    try:
+        code = subprocess.run(command, cwd=benchmark_file().parents[1]).returncode
+        if code != 0 or not partial.exists():
+            raise ValueError(f"the micro-benchmarks failed (pytest exit {code}); its output is above")
+        name = load(partial).environment.get("device_name", device)
+        path = out / f"{stamp}_micro_{slug(name)}.json"
+        os.replace(partial, path)  # pytest-benchmark writes in place; the final name appears whole
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def is_micro_file(data: object) -> bool:
+    return isinstance(data, dict) and "benchmarks" in data and "machine_info" in data
+
+
+def load(path: str | Path) -> MicroRun:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsFileError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ResultsFileError(f"{path}: not a JSON file ({err})") from None
+    return from_json(data, str(path))
+
+
+def from_json(data: dict, path: str) -> MicroRun:
+    info = data.get("machine_info", {}).get("cbn_bench") if is_micro_file(data) else None
+    if not isinstance(info, dict) or info.get("schema") != SCHEMA:
+        raise ResultsFileError(f"{path}: not a cbn-bench micro-benchmark file (pytest-benchmark JSON from "
+                               "`python -m bench micro`, with machine_info.cbn_bench)")
+    if info.get("schema_version") != SCHEMA_VERSION:
+        raise ResultsFileError(f"{path}: micro schema version {info.get('schema_version')!r}; this cbn-bench reads "
+                               f"{SCHEMA_VERSION}: rerun `python -m bench micro`")
+    try:
+        benchmarks = [Benchmark(b["group"], b["extra_info"]["norm"], bool(b["extra_info"].get("reference")),
+                                list(b["stats"]["data"]), b["stats"]["median"]) for b in data["benchmarks"]]
+    except (KeyError, TypeError) as err:
+        raise ResultsFileError(f"{path}: malformed micro-benchmark file (missing {err})") from None
+    return MicroRun(path, info["device"], info["profile"], info["schema_version"], info.get("environment", {}), benchmarks)
+
+
+def table(micro: MicroRun) -> Table:
+    ratios = micro.ratios()
+    groups = list(dict.fromkeys(b.group for b in micro.benchmarks))
+    norms = list(dict.fromkeys(b.norm for b in micro.benchmarks))
+    median = {(b.group, b.norm): b.median_s for b in micro.benchmarks}
+    rows = []
+    for norm in norms:
+        row = [norm]
+        for group in groups:
+            if (group, norm) not in median:
+                row += ["skipped", ""]
+                continue
+            value, low, high = ratios.get((group, norm), (None, None, None))
+            row += [f"{1e3 * median[(group, norm)]:.3g}", "-" if value is None else f"{value:.2f} [{low:.2f}, {high:.2f}]"]
+        rows.append(row)
+    columns = ["norm"] + [f"{g} {what}" for g in groups for what in ("ms", "x reference [95% CI]")]
+    reference = ", ".join(sorted(set(micro.reference_norms.values()))) or "none"
+    caption = [f"conv 3x3 + norm, training mode, median time over pytest-benchmark rounds; reference: {reference}",
+               f"device {micro.environment.get('device_name', micro.device)}, profile {micro.profile}; file {micro.path}"]
+    return Table("Layer micro-benchmarks", columns, rows, caption)

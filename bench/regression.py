@@ -1,0 +1,164 @@
+"""The commands that guard against regressions: `gate`, `baseline` and `micro`.
+
+`gate` measures the quick suites (or reads results files), compares them with the baseline of the
+same device class and profile under results/thresholds.toml, re-measures a failed timing rule once,
+and exits 0 (all rules hold), 1 (a regression or a missing metric) or 2 (a usage problem).
+`baseline` measures the same way and stores the files the gate compares with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from bench import cli, env, gate, micro, report, results, thresholds
+from bench.gate import MICRO_SUITE, Source
+
+BASELINES = Path("results") / "baselines"
+THRESHOLDS = Path("results") / "thresholds.toml"
+GATE_OUT = Path("results") / "gate"  # measurements the gate makes; not committed
+GATE_PROFILE = "quick"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    suites = [*cli.suite_registry(), MICRO_SUITE]
+    g = sub.add_parser("gate", help="compare with the stored baseline under the thresholds; exit 1 on a regression",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to measure (default: all of {', '.join(suites)})")
+    g.add_argument("--results", nargs="+", type=Path, metavar="FILE",
+                   help="judge these results / micro-benchmark files instead of measuring (no re-measuring)")
+    g.add_argument("--baseline", nargs="+", type=Path, metavar="FILE",
+                   help=f"baseline files (default: {BASELINES}/<device class>/<profile>.json and micro.json)")
+    g.add_argument("--thresholds", type=Path, default=THRESHOLDS, help=f"rules file (default: {THRESHOLDS})")
+    _measure_options(g)
+    g.add_argument("--no-retry", action="store_true", help="judge failed timing rules without re-measuring them")
+    b = sub.add_parser("baseline", help="measure and store the baselines the gate compares with")
+    b.add_argument("--folder", type=Path, default=BASELINES, help=f"where baselines live (default: {BASELINES})")
+    b.add_argument("--skip-micro", action="store_true", help="leave the micro-benchmark baseline as it is")
+    _measure_options(b)
+    m = sub.add_parser("micro", help="run the pytest-benchmark layer micro-benchmarks")
+    m.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
+    m.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    m.add_argument("--out", type=Path, default=micro.DEFAULT_OUT, help=f"folder for the JSON (default: {micro.DEFAULT_OUT})")
+
+
+def _measure_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=GATE_PROFILE, help=f"profile of the harness suites (default: {GATE_PROFILE})")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the baseline's, else torch's)")
+    p.add_argument("--out", type=Path, default=GATE_OUT, help=f"folder for the measurements (default: {GATE_OUT})")
+
+
+# ---------------------------------------------------------------------- measuring
+def measure(names: list[str], profile: str, device: str, threads: int | None, out: Path) -> list[Source]:
+    """Run the named suites (harness suites in one run, then the micro-benchmarks) into sources."""
+    sources = []
+    harness = [n for n in names if n != MICRO_SUITE]
+    if harness:
+        run, paths, interrupted = cli.execute(cli.plan(harness, profile, device), threads, out)
+        if interrupted:
+            raise KeyboardInterrupt
+        sources.append(gate.from_run(run, str(paths[0]), results.SCHEMA_VERSION))
+    if MICRO_SUITE in names:
+        path = micro.run(device, out, threads)
+        report.print_tables([micro.table(micro.load(path))], cli.console)
+        sources.append(gate.load_source(path))
+    return sources
+
+
+def _suites(names: list[str]) -> list[str]:
+    known = [*cli.suite_registry(), MICRO_SUITE]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown suite {unknown[0]!r}; available: {', '.join(known)}")
+    return names or known
+
+
+def _planned_sources(names: list[str], profile: str, device: str) -> list[tuple[str, str]]:
+    """(kind, profile) of the files a measurement of names will produce."""
+    kinds = [(results.SCHEMA, profile)] if any(n != MICRO_SUITE for n in names) else []
+    return kinds + ([(micro.SCHEMA, device)] if MICRO_SUITE in names else [])
+
+
+def _threads(args: argparse.Namespace, baselines: list[Source]) -> tuple[int | None, list[str]]:
+    """The thread count to measure with: asked for, else the baseline's when this machine has the cores."""
+    if args.threads:
+        return args.threads, []
+    wanted = next((b.threads for b in baselines if b.threads), None)
+    cores = os.cpu_count() or 1
+    if wanted and wanted > cores:
+        return None, [f"the baseline used {wanted} threads; this machine has {cores} cores: timing ratios may shift"]
+    return wanted, []
+
+
+# ---------------------------------------------------------------------- commands
+def gate_command(args: argparse.Namespace) -> int:
+    rules = thresholds.load(args.thresholds)
+    if args.results:
+        currents = [gate.load_source(p) for p in args.results]
+        baselines = _baselines(args.baseline, [(c.kind, c.profile, c.device_class) for c in currents])
+        notes = gate.pair(baselines, currents)
+        verdicts = gate.not_remeasured(gate.evaluate(rules, baselines, currents), "judging files given with --results")
+    else:
+        names = _suites(args.suites)
+        device = args.device or env.best_device()
+        cls = gate.device_class(device, env.capture(device).device_name)
+        planned = [(kind, profile, cls) for kind, profile in _planned_sources(names, args.profile, device)]
+        baselines = _baselines(args.baseline, planned)
+        threads, notes = _threads(args, baselines)
+        currents = measure(names, args.profile, device, threads, args.out)
+        notes += gate.pair(baselines, currents)
+        verdicts = gate.evaluate(rules, baselines, currents)
+        again = sorted(gate.needs_remeasure(verdicts))
+        if again and args.no_retry:
+            verdicts = gate.not_remeasured(verdicts, "--no-retry")
+        elif again:
+            cli.console.print(f"[yellow]timing rules failed in {', '.join(again)}: re-measuring once[/yellow]")
+            verdicts = gate.remeasured(verdicts, measure(again, args.profile, device, threads, args.out))
+    report.print_tables([gate.table(verdicts, rules, currents, notes)], cli.console)
+    status = gate.exit_status(verdicts)
+    failed = [v.metric for v in verdicts if v.failed]
+    cli.console.print("[green]gate passed[/green]" if status == 0 else
+                      f"[bold red]gate failed[/bold red]: {len(failed)} of {len(verdicts)} checks: {', '.join(failed)}")
+    return status
+
+
+def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, str]]) -> list[Source]:
+    if given:
+        return [gate.load_source(p) for p in given]
+    sources = []
+    for kind, profile, cls in dict.fromkeys(wanted):
+        path = gate.baseline_path(BASELINES, kind, cls, profile)
+        if not path.exists():
+            what = "micro-benchmark baseline" if kind == micro.SCHEMA else f"baseline for profile {profile!r}"
+            raise gate.GateError(f"no {what} for device class {cls!r}: {path} does not exist; make it with "
+                                 f"`python -m bench baseline --profile {profile}` or pass --baseline FILE")
+        sources.append(gate.load_source(path))
+    return sources
+
+
+def baseline_command(args: argparse.Namespace) -> int:
+    device = args.device or env.best_device()
+    names = [n for n in _suites([]) if not (args.skip_micro and n == MICRO_SUITE)]
+    sources = measure(names, args.profile, device, args.threads, args.out)
+    failed = [f"{s.path}: {case} {why}" for s in sources for case, why in s.absent.items() if not why.startswith("skipped")]
+    if failed:
+        cli.console.print("[red]no baseline written: cases failed[/red]\n  " + "\n  ".join(failed))
+        return 1
+    for source in sources:
+        target = gate.baseline_path(args.folder, source.kind, source.device_class, source.profile)
+        results.write_atomic(target, Path(source.path).read_bytes())
+        markdown = Path(source.path).with_suffix(".md")
+        if markdown.exists():
+            results.write_atomic(target.with_suffix(".md"), markdown.read_bytes())
+        cli.console.print(f"baseline written: {target} (from {source.path})")
+    cli.console.print("review the tables above, then commit the baseline files with a note in results/README.md")
+    return 0
+
+
+def micro_command(args: argparse.Namespace) -> int:
+    path = micro.run(args.device or env.best_device(), args.out, args.threads)
+    report.print_tables([micro.table(micro.load(path))], cli.console)
+    cli.console.print(f"results written to:\n  {path}")
+    return 0
