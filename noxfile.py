@@ -1,4 +1,5 @@
-"""Sessions: tests (the default), bench, lock. Arguments after `--` reach the tool each session runs."""
+"""Sessions: tests (the default), bench, gate, micro, baseline, lock. Arguments after `--` reach the tool
+each session runs."""
 
 from pathlib import Path
 
@@ -27,6 +28,28 @@ def bench(session: nox.Session) -> None:
     """Run the benchmark suites on the best available device; results go under results/."""
     install_project(session)
     session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session(default=False)
+def gate(session: nox.Session) -> None:
+    """Measure the quick CPU suites and the micro-benchmarks and judge them against results/baselines/
+    under results/thresholds.toml: exit 1 on a regression (what CI runs after the tests)."""
+    install_project(session, "test")  # the micro-benchmarks need pytest-benchmark
+    session.run("python", "-m", "bench", "gate", *session.posargs)
+
+
+@nox.session(default=False)
+def micro(session: nox.Session) -> None:
+    """Run the pytest-benchmark layer micro-benchmarks; their JSON goes under results/micro/."""
+    install_project(session, "test")
+    session.run("python", "-m", "bench", "micro", *session.posargs)
+
+
+@nox.session(default=False)
+def baseline(session: nox.Session) -> None:
+    """Re-measure the gate's baselines into results/baselines/<device class>/ (review, then commit)."""
+    install_project(session, "test")
+    session.run("python", "-m", "bench", "baseline", *session.posargs)
 
 
 @nox.session(default=False, reuse_venv=False)

@@ -1,5 +1,5 @@
 """Command line: `python -m bench [run] [SUITE ...] [options]`, `show FILE`, and the regression
-commands `gate`, `baseline` and `micro` (bench/regression.py)."""
+commands `gate`, `baseline`, `spread` and `micro` (bench/regression.py)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = ("run", "show", "gate", "baseline", "micro")
+COMMANDS = ("run", "show", "gate", "baseline", "spread", "micro")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench import regression
 
     commands = {"run": run, "show": lambda a: show(a.file), "gate": regression.gate_command,
-                "baseline": regression.baseline_command, "micro": regression.micro_command}
+                "baseline": regression.baseline_command, "spread": regression.spread_command,
+                "micro": regression.micro_command}
     try:
         return commands[args.command](args)
     except (ValueError, results.ResultsFileError) as err:  # ThresholdsError and GateError are ValueErrors

@@ -10,6 +10,7 @@ may be re-measured once before it counts; a deterministic rule's first verdict i
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def from_run(run: RunResult, path: str, stored_version: int) -> Source:
 def from_micro(run: micro.MicroRun) -> Source:
     references = run.reference_norms
     metrics = {f"{MICRO_SUITE}.{group}.{norm}/{references[group]} time ratio": Metric(value, timing=True)
-               for (group, norm), (value, _, _) in run.ratios().items() if norm != references[group]}
+               for (group, norm), value in run.ratios().items() if norm != references[group]}
     e = run.environment
     return Source(run.path, f"{micro.SCHEMA} v{run.schema_version}", device_class(run.device, e.get("device_name", "")),
                   run.profile, (MICRO_SUITE,), metrics, {}, e.get("cpu_model", ""), e.get("threads"))
@@ -257,3 +258,23 @@ def _fmt(value: float | None) -> str:
     if math.isfinite(value) and value == int(value) and abs(value) >= 1000:
         return f"{value:,.0f}"  # counts in full: an exact rule's difference must be visible
     return report.fmt(value, 4)
+
+
+def spread_table(sources: list[Source]) -> Table:
+    """How each timing metric moved over repeated identical runs (A/A): what tolerances rest on.
+
+    The widest pairwise drift, max/min - 1, is what a ">= baseline - X%" rule meets when the baseline
+    happened to be the best run and the gate's run the worst.
+    """
+    names = sorted(set.intersection(*(set(s.metrics) for s in sources)))
+    rows = []
+    for name in names:
+        values = [s.metrics[name].value for s in sources]
+        if not sources[0].metrics[name].timing or name.endswith(("_q1_s", "_q3_s", "_ci_low_s", "_ci_high_s")):
+            continue
+        low, high, middle = min(values), max(values), statistics.median(values)
+        drift = f"{100 * (high / low - 1):.1f}%" if low > 0 else "-"
+        rows.append([name, report.fmt(low, 4), report.fmt(middle, 4), report.fmt(high, 4), drift])
+    caption = [f"{len(sources)} runs: " + ", ".join(s.path for s in sources)]
+    return Table("Spread of timing metrics over repeated identical runs", ["metric", "min", "median", "max", "max/min - 1"],
+                 rows, caption)

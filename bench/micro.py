@@ -3,6 +3,10 @@
 pytest-benchmark writes one JSON file per run; the suite's conftest adds cbn-bench's environment
 under ``machine_info["cbn_bench"]``. Within each group the benchmark marked ``reference`` in its
 ``extra_info`` is the denominator of every ratio, so ratios come from one run on one machine.
+
+The gate's ratios are of minimum times (pytest-benchmark's default sort): the benchmarks run one
+after another, not interleaved, and on a shared machine the minimum of hundreds of rounds moved
+4-16% between identical runs where the median moved 15-100% (results/README.md).
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.results import ResultsFileError, slug
-from bench.stats import ratio_of_medians
+from bench.stats import Summary, ratio_of_medians
 from bench.suite import Table
 
 SCHEMA = "cbn-bench/micro"
 SCHEMA_VERSION = 1
 DEFAULT_OUT = Path("results") / "micro"
-# Every sample is kept (pytest-benchmark stores them under stats.data), so ratios get intervals.
+# Every sample is kept (pytest-benchmark stores them under stats.data), so any statistic can be redone.
 TIMING_OPTIONS = ("--benchmark-warmup=on", "--benchmark-min-rounds=10", "--benchmark-max-time=1.0",
                   "--benchmark-disable-gc", "--benchmark-sort=name")
 
@@ -34,7 +38,6 @@ class Benchmark:
     norm: str
     reference: bool
     samples_s: list[float]
-    median_s: float
 
 
 @dataclass(frozen=True)
@@ -46,18 +49,16 @@ class MicroRun:
     environment: dict
     benchmarks: list[Benchmark]
 
-    def ratios(self) -> dict[tuple[str, str], tuple[float, float, float]]:
-        """(group, norm) -> median time over the group reference's, with its bootstrap 95% interval."""
-        out = {}
-        for group in dict.fromkeys(b.group for b in self.benchmarks):
-            members = [b for b in self.benchmarks if b.group == group]
-            reference = next((b for b in members if b.reference), None)
-            if reference is None:
-                continue
-            for b in members:
-                r = ratio_of_medians(b.samples_s, reference.samples_s)
-                out[(group, b.norm)] = (r.median, r.ci_low, r.ci_high)
-        return out
+    def ratios(self) -> dict[tuple[str, str], float]:
+        """(group, norm) -> minimum time over the group reference's minimum time."""
+        references = {b.group: min(b.samples_s) for b in self.benchmarks if b.reference}
+        return {(b.group, b.norm): min(b.samples_s) / references[b.group] for b in self.benchmarks if b.group in references}
+
+    def median_ratios(self) -> dict[tuple[str, str], Summary]:
+        """The same with medians, and bootstrap 95% intervals (2000 resamples each: for tables only)."""
+        references = {b.group: b for b in self.benchmarks if b.reference}
+        return {(b.group, b.norm): ratio_of_medians(b.samples_s, references[b.group].samples_s)
+                for b in self.benchmarks if b.group in references}
 
     @property
     def reference_norms(self) -> dict[str, str]:
@@ -84,8 +85,10 @@ def run(device: str, out: Path, threads: int | None = None, extra_args: tuple[st
         command.append(f"--micro-threads={threads}")
     try:
         code = subprocess.run(command, cwd=benchmark_file().parents[1]).returncode
-        if code != 0 or not partial.exists():
-            raise ValueError(f"the micro-benchmarks failed (pytest exit {code}); its output is above")
+        if not partial.exists():
+            raise ValueError(f"the micro-benchmarks produced no results (pytest exit {code}); its output is above")
+        if code != 0:  # the JSON holds the benchmarks that ran; the gate lists the others as missing
+            print(f"pytest exit {code}: some micro-benchmarks failed (output above); kept the others", file=sys.stderr)
         name = load(partial).environment.get("device_name", device)
         path = out / f"{stamp}_micro_{slug(name)}.json"
         os.replace(partial, path)  # pytest-benchmark writes in place; the final name appears whole
@@ -119,29 +122,31 @@ def from_json(data: dict, path: str) -> MicroRun:
                                f"{SCHEMA_VERSION}: rerun `python -m bench micro`")
     try:
         benchmarks = [Benchmark(b["group"], b["extra_info"]["norm"], bool(b["extra_info"].get("reference")),
-                                list(b["stats"]["data"]), b["stats"]["median"]) for b in data["benchmarks"]]
+                                [float(t) for t in b["stats"]["data"]]) for b in data["benchmarks"]]
     except (KeyError, TypeError) as err:
         raise ResultsFileError(f"{path}: malformed micro-benchmark file (missing {err})") from None
     return MicroRun(path, info["device"], info["profile"], info["schema_version"], info.get("environment", {}), benchmarks)
 
 
 def table(micro: MicroRun) -> Table:
-    ratios = micro.ratios()
+    ratios, medians = micro.ratios(), micro.median_ratios()
     groups = list(dict.fromkeys(b.group for b in micro.benchmarks))
     norms = list(dict.fromkeys(b.norm for b in micro.benchmarks))
-    median = {(b.group, b.norm): b.median_s for b in micro.benchmarks}
+    fastest = {(b.group, b.norm): min(b.samples_s) for b in micro.benchmarks}
     rows = []
     for norm in norms:
         row = [norm]
         for group in groups:
-            if (group, norm) not in median:
-                row += ["skipped", ""]
+            key = (group, norm)
+            if key not in fastest:
+                row += ["skipped", "", ""]
                 continue
-            value, low, high = ratios.get((group, norm), (None, None, None))
-            row += [f"{1e3 * median[(group, norm)]:.3g}", "-" if value is None else f"{value:.2f} [{low:.2f}, {high:.2f}]"]
+            m = medians.get(key)
+            row += [f"{1e3 * fastest[key]:.3g}", "-" if key not in ratios else f"{ratios[key]:.2f}",
+                    "-" if m is None else f"{m.median:.2f} [{m.ci_low:.2f}, {m.ci_high:.2f}]"]
         rows.append(row)
-    columns = ["norm"] + [f"{g} {what}" for g in groups for what in ("ms", "x reference [95% CI]")]
+    columns = ["norm"] + [f"{g} {what}" for g in groups for what in ("min ms", "x ref (min)", "x ref (median [95% CI])")]
     reference = ", ".join(sorted(set(micro.reference_norms.values()))) or "none"
-    caption = [f"conv 3x3 + norm, training mode, median time over pytest-benchmark rounds; reference: {reference}",
+    caption = [f"conv 3x3 + norm, training mode; reference {reference}; the gate reads the ratios of minimum times",
                f"device {micro.environment.get('device_name', micro.device)}, profile {micro.profile}; file {micro.path}"]
     return Table("Layer micro-benchmarks", columns, rows, caption)

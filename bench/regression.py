@@ -37,6 +37,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--folder", type=Path, default=BASELINES, help=f"where baselines live (default: {BASELINES})")
     b.add_argument("--skip-micro", action="store_true", help="leave the micro-benchmark baseline as it is")
     _measure_options(b)
+    s = sub.add_parser("spread", help="how timing metrics moved over repeated identical runs (to calibrate tolerances)")
+    s.add_argument("files", nargs="+", type=Path, metavar="FILE", help="results or micro-benchmark files of one kind")
     m = sub.add_parser("micro", help="run the pytest-benchmark layer micro-benchmarks")
     m.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
     m.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -95,6 +97,8 @@ def _threads(args: argparse.Namespace, baselines: list[Source]) -> tuple[int | N
 # ---------------------------------------------------------------------- commands
 def gate_command(args: argparse.Namespace) -> int:
     rules = thresholds.load(args.thresholds)
+    if args.results and args.suites:
+        raise ValueError("give SUITEs to measure or --results FILEs to judge, not both")
     if args.results:
         currents = [gate.load_source(p) for p in args.results]
         baselines = _baselines(args.baseline, [(c.kind, c.profile, c.device_class) for c in currents])
@@ -154,6 +158,16 @@ def baseline_command(args: argparse.Namespace) -> int:
             results.write_atomic(target.with_suffix(".md"), markdown.read_bytes())
         cli.console.print(f"baseline written: {target} (from {source.path})")
     cli.console.print("review the tables above, then commit the baseline files with a note in results/README.md")
+    return 0
+
+
+def spread_command(args: argparse.Namespace) -> int:
+    sources = [gate.load_source(p) for p in args.files]
+    if len(sources) < 2:
+        raise ValueError("give at least two files of repeated identical runs")
+    for source in sources[1:]:
+        gate.check_comparable(sources[0], source)
+    report.print_tables([gate.spread_table(sources)], cli.console)
     return 0
 
 

@@ -62,3 +62,19 @@ def test_smoke_run_of_both_suites_writes_results_and_compares(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:]
     assert "comparison with the previous run" in second.stdout
     assert len(list(tmp_path.glob("*.json"))) == 2  # the first run was not overwritten
+
+    # The gate measures gradpath again and judges it against the second run as its baseline.
+    baseline = next(p for p in tmp_path.glob("*.json") if p != json_path)
+    rules = tmp_path / "thresholds.toml"
+    rules.write_text('[gradpath]\n"*.stored_bytes_per_step" = "== baseline"\n"speedup 3x3 C=16" = ">= 1"\n')
+    gate = bench("gate", "gradpath", "--profile", "smoke", "--baseline", str(baseline), "--thresholds", str(rules),
+                 "--out", str(tmp_path / "gate"))
+    assert gate.returncode == 0, gate.stdout[-3000:] + gate.stderr[-3000:]
+    assert "gate passed" in gate.stdout and "gradpath.naive-3x3-C16.stored_bytes_per_step" in gate.stdout
+
+
+def test_gate_usage_errors_exit_2(capsys):
+    assert cli.main(["gate", "table6", "--results", "x.json"]) == 2
+    assert "not both" in capsys.readouterr().out
+    assert cli.main(["gate", "nosuch"]) == 2
+    assert "unknown suite 'nosuch'; available: table6, gradpath, micro" in capsys.readouterr().out

@@ -19,3 +19,9 @@ def test_readme_has_one_bench_and_one_test_command():
 def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert readme_commands()[1] in ci_lines
+
+
+def test_ci_runs_the_gate_after_the_tests():
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    tests_line = ci_lines.index(readme_commands()[1])
+    assert ci_lines[tests_line + 1:] == ["python3 -m nox -s gate"]

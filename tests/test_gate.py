@@ -1,0 +1,250 @@
+"""The regression gate on the committed baselines and thresholds: it passes on itself and on
+improvements, fails (exit 1, metric named) on injected regressions, re-measures a failed timing
+rule once, and refuses unlike comparisons (exit 2)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import cli, gate, micro, regression, thresholds
+from bench.gate import Metric, Source
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = ROOT / "results" / "baselines" / "cpu" / "quick.json"
+MICRO_BASELINE = ROOT / "results" / "baselines" / "cpu" / "micro.json"
+THRESHOLDS = ROOT / "results" / "thresholds.toml"
+
+
+def run_gate(capsys, *files: Path, baseline=(BASELINE, MICRO_BASELINE), rules: Path = THRESHOLDS) -> tuple[int, str]:
+    code = cli.main(["gate", "--results", *map(str, files), "--baseline", *map(str, baseline), "--thresholds", str(rules)])
+    return code, " ".join(capsys.readouterr().out.split())
+
+
+def edited(tmp_path: Path, source: Path, edit, name: str = "current.json") -> Path:
+    data = copy.deepcopy(json.loads(source.read_text()))
+    edit(data)
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def case(data: dict, suite: str, name: str) -> dict:
+    return next(c for c in data["cases"] if c["suite"] == suite and c["case"] == name)
+
+
+def derived(data: dict, suite: str, name: str) -> dict:
+    return next(d for d in data["derived"] if d["suite"] == suite and d["name"] == name)
+
+
+def scale_micro(data: dict, group: str, norm: str, factor: float) -> None:
+    bench = next(b for b in data["benchmarks"] if b["group"] == group and b["extra_info"]["norm"] == norm)
+    bench["stats"]["data"] = [t * factor for t in bench["stats"]["data"]]
+
+
+# ---------------------------------------------------------------------- the committed baselines
+def test_the_baselines_pass_against_themselves_with_every_rule_matched(capsys):
+    code, out = run_gate(capsys, BASELINE, MICRO_BASELINE)
+    assert code == 0, out
+    assert "0 fail, 0 missing, 0 new" in out and "gate passed" in out
+
+
+@pytest.mark.parametrize("metric, edit", [
+    ("table6.cbn.train_step_flops", lambda d: case(d, "table6", "cbn")["metrics"].update(
+        train_step_flops=1.2 * case(d, "table6", "cbn")["metrics"]["train_step_flops"])),
+    ("table6.cbn.cbn_history_bytes", lambda d: case(d, "table6", "cbn")["metrics"].update(
+        cbn_history_bytes=3 * case(d, "table6", "cbn")["metrics"]["cbn_history_bytes"])),
+    ("table6.cbn/bn train iter/s ratio", lambda d: derived(d, "table6", "cbn/bn train iter/s ratio").update(
+        value=0.75 * derived(d, "table6", "cbn/bn train iter/s ratio")["value"])),
+    ("gradpath.speedup 3x3 C=256", lambda d: derived(d, "gradpath", "speedup 3x3 C=256").update(
+        value=derived(d, "gradpath", "speedup 3x3 C=256")["value"] / 3)),
+    ("gradpath.efficient-3x3-C256.stored_bytes_per_step", lambda d: case(d, "gradpath", "efficient-3x3-C256")[
+        "metrics"].update(stored_bytes_per_step=2 * case(d, "gradpath", "efficient-3x3-C256")["metrics"]["stored_bytes_per_step"])),
+])
+def test_an_injected_regression_fails_with_the_metric_named(tmp_path, capsys, metric, edit):
+    code, out = run_gate(capsys, edited(tmp_path, BASELINE, edit), MICRO_BASELINE)
+    assert code == 1
+    assert "gate failed: 1 of" in out and out.rstrip().endswith(metric)
+
+
+def test_a_slower_efficient_path_in_the_micro_benchmarks_fails(tmp_path, capsys):
+    slower = edited(tmp_path, MICRO_BASELINE, lambda d: scale_micro(d, "forward+backward", "cbn", 1.5), "micro.json")
+    code, out = run_gate(capsys, BASELINE, slower)
+    assert code == 1
+    assert out.rstrip().endswith("micro.forward+backward.cbn/bn time ratio")
+    assert "timing, not re-measured: judging files given with --results" in out
+
+
+def test_improvements_pass(tmp_path, capsys):
+    def improve(d):
+        for name, factor in (("cbn/bn train iter/s ratio", 1.2), ("speedup 3x3 C=256", 2.0)):
+            derived(d, "table6" if "iter/s" in name else "gradpath", name)["value"] *= factor
+
+    faster = edited(tmp_path, MICRO_BASELINE, lambda d: scale_micro(d, "forward+backward", "cbn", 0.7), "micro.json")
+    code, out = run_gate(capsys, edited(tmp_path, BASELINE, improve), faster)
+    assert code == 0, out
+
+
+def test_a_failed_case_lists_its_metrics_as_missing(tmp_path, capsys):
+    def crash(d):
+        c = case(d, "table6", "cbn")
+        c.update(status="error", error="RuntimeError: out of memory", metrics={}, samples={})
+        d["derived"] = [x for x in d["derived"] if not x["name"].startswith("cbn/")]
+
+    code, out = run_gate(capsys, edited(tmp_path, BASELINE, crash), MICRO_BASELINE)
+    assert code == 1
+    assert "MISSING not in this run: case cbn error: RuntimeError: out of memory" in out
+    assert "table6.cbn/bn train iter/s ratio" in out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(profile="cpu"), "the baseline {b} is profile 'quick', the current {c} is 'cpu'"),
+    (lambda d: d.update(device="cuda", environment=dict(d["environment"], device_name="NVIDIA H100 80GB HBM3")),
+     "is device class 'cpu', the current {c} is 'nvidia-h100-80gb-hbm3'"),
+    (lambda d: [x.pop("timing") for x in d["derived"]] and d.update(schema_version=1),
+     "is schema 'cbn-bench/results v2', the current {c} is 'cbn-bench/results v1'"),
+])
+def test_unlike_comparisons_are_refused_with_exit_2(tmp_path, capsys, edit, message):
+    current = edited(tmp_path, BASELINE, edit)
+    code, out = run_gate(capsys, current, MICRO_BASELINE)
+    assert code == 2
+    assert "refusing to compare" in out
+    assert " ".join(message.format(b=BASELINE, c=current).split()) in out
+
+
+def test_a_malformed_thresholds_file_exits_2_naming_the_line(tmp_path, capsys):
+    rules = tmp_path / "thresholds.toml"
+    rules.write_text('[table6]\n"*.train_step_flops" = "== baseline"\n"cbn/bn train iter/s ratio" = "=> baseline"\n')
+    code, out = run_gate(capsys, BASELINE, MICRO_BASELINE, rules=rules)
+    assert code == 2
+    assert f"{rules}:3: rule '=> baseline'" in out
+
+
+def test_overlapping_rules_are_a_usage_error(tmp_path, capsys):
+    rules = tmp_path / "thresholds.toml"
+    rules.write_text('[table6]\n"*.train_step_flops" = "== baseline"\n"cbn.train_*" = "== baseline"\n')
+    code, out = run_gate(capsys, BASELINE, rules=rules, baseline=(BASELINE,))
+    assert code == 2
+    assert "'table6.cbn.train_step_flops' is matched by line 2" in out and "line 3" in out
+
+
+def test_a_rule_that_matches_nothing_is_listed_as_missing(tmp_path, capsys):
+    rules = tmp_path / "thresholds.toml"
+    rules.write_text('[table6]\n"cbn.train_step_flop" = "== baseline"\n[micro]\n"x" = "<= 2"\n')
+    code, out = run_gate(capsys, BASELINE, rules=rules, baseline=(BASELINE,))
+    assert code == 1
+    assert "no metric of this name in the baseline or this run" in out
+    assert "rules for suites not in this run, not checked: micro" in out
+
+
+def test_a_metric_new_since_the_baseline_is_listed_but_passes(tmp_path, capsys):
+    def add(d):
+        case(d, "table6", "cbn")["metrics"]["extra_flops"] = 1.0
+
+    rules = tmp_path / "thresholds.toml"
+    rules.write_text('[table6]\n"*.extra_flops" = "== baseline"\n"*.train_step_flops" = "== baseline"\n')
+    code, out = run_gate(capsys, edited(tmp_path, BASELINE, add), rules=rules, baseline=(BASELINE,))
+    assert code == 0
+    assert "new not in the baseline" in out
+
+
+def test_no_baseline_for_this_device_class_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(regression, "BASELINES", tmp_path)
+    code = cli.main(["gate", "--results", str(BASELINE), "--thresholds", str(THRESHOLDS)])
+    assert code == 2
+    assert "no baseline for profile 'quick' for device class 'cpu'" in " ".join(capsys.readouterr().out.split())
+
+
+# ---------------------------------------------------------------------- re-measuring timing rules
+def source(metrics: dict[str, Metric], suite: str = "table6") -> Source:
+    return Source(f"{suite}.json", "cbn-bench/results v2", "cpu", "quick", (suite,), metrics)
+
+
+def rules_file(tmp_path: Path) -> Path:
+    path = tmp_path / "thresholds.toml"
+    path.write_text('[table6]\n"flops" = "== baseline"\n"ratio" = ">= baseline - 10%"\n')
+    return path
+
+
+def measured_gate(tmp_path, monkeypatch, capsys, measurements: list[dict[str, float]]) -> tuple[int, str, list]:
+    """The measuring gate with `measure` replaced: it returns the given figures, one run per call."""
+    baseline = source({"table6.flops": Metric(100.0, False), "table6.ratio": Metric(0.8, True)})
+    calls = []
+
+    def fake_measure(names, profile, device, threads, out):
+        figures = measurements[len(calls)]
+        calls.append(list(names))
+        return [source({"table6.flops": Metric(figures["flops"], False), "table6.ratio": Metric(figures["ratio"], True)})]
+
+    monkeypatch.setattr(regression, "measure", fake_measure)
+    monkeypatch.setattr(regression, "_baselines", lambda given, wanted: [baseline])
+    code = cli.main(["gate", "table6", "--thresholds", str(rules_file(tmp_path)), "--device", "cpu"])
+    return code, " ".join(capsys.readouterr().out.split()), calls
+
+
+def test_a_failed_timing_rule_is_re_measured_once_and_may_then_pass(tmp_path, monkeypatch, capsys):
+    code, out, calls = measured_gate(tmp_path, monkeypatch, capsys, [{"flops": 100, "ratio": 0.6}, {"flops": 100, "ratio": 0.79}])
+    assert code == 0
+    assert calls == [["table6"], ["table6"]]
+    assert "timing rules failed in table6: re-measuring once" in out
+    assert "re-measured once: first 0.6 failed" in out
+
+
+def test_a_timing_rule_that_fails_twice_counts(tmp_path, monkeypatch, capsys):
+    code, out, calls = measured_gate(tmp_path, monkeypatch, capsys, [{"flops": 100, "ratio": 0.6}, {"flops": 100, "ratio": 0.65}])
+    assert code == 1 and len(calls) == 2
+    assert out.rstrip().endswith("table6.ratio")
+
+
+def test_a_deterministic_failure_is_never_re_measured(tmp_path, monkeypatch, capsys):
+    code, out, calls = measured_gate(tmp_path, monkeypatch, capsys, [{"flops": 101, "ratio": 0.8}])
+    assert code == 1 and len(calls) == 1
+    assert "re-measur" not in out.replace("re-measured once before it counts", "")
+
+
+# ---------------------------------------------------------------------- sources
+def test_micro_ratios_are_minimum_times_over_the_groups_reference():
+    run = micro.load(MICRO_BASELINE)
+    fastest = {(b.group, b.norm): min(b.samples_s) for b in run.benchmarks}
+    src = gate.from_micro(run)
+    value = src.metrics["micro.forward+backward.cbn/bn time ratio"].value
+    assert value == fastest[("forward+backward", "cbn")] / fastest[("forward+backward", "bn")]
+    assert "micro.forward.bn/bn time ratio" not in src.metrics
+    assert all(m.timing for m in src.metrics.values())
+
+
+def test_results_sources_mark_timing_metrics():
+    src = gate.load_source(BASELINE)
+    assert src.metrics["table6.cbn.train_step_median_s"].timing
+    assert src.metrics["table6.cbn/bn train iter/s ratio"].timing
+    assert not src.metrics["table6.cbn.train_step_flops"].timing
+    assert not src.metrics["table6.cbn/bn train_step_flops ratio"].timing
+    assert (src.device_class, src.profile, src.schema) == ("cpu", "quick", "cbn-bench/results v2")
+
+
+def test_a_foreign_file_is_refused(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"benchmarks": [], "machine_info": {}}))
+    code, out = run_gate(capsys, other)
+    assert code == 2 and "neither a cbn-bench results file nor a micro-benchmark file" in out
+
+
+def test_every_rule_in_the_committed_file_names_real_metrics():
+    rules = thresholds.load(THRESHOLDS)
+    names = set(gate.load_source(BASELINE).metrics) | set(gate.load_source(MICRO_BASELINE).metrics)
+    unmatched = [r.pattern for r in rules if not any(r.matches(n) for n in names)]
+    assert unmatched == []
+
+
+def test_spread_reports_the_widest_pairwise_drift_of_timing_metrics(tmp_path, capsys):
+    slower = edited(tmp_path, BASELINE, lambda d: derived(d, "table6", "cbn/bn train iter/s ratio").update(
+        value=1.1 * derived(d, "table6", "cbn/bn train iter/s ratio")["value"]))
+    assert cli.main(["spread", str(BASELINE), str(slower)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "table6.cbn/bn train iter/s ratio" in line)
+    assert "10.0%" in row
+    assert "train_step_flops" not in out  # deterministic figures have no spread to calibrate
+    assert cli.main(["spread", str(BASELINE)]) == 2
