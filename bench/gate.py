@@ -225,7 +225,7 @@ def remeasured(verdicts: list[Verdict], fresh: list[Source]) -> list[Verdict]:
 
 
 def not_remeasured(verdicts: list[Verdict], why: str) -> list[Verdict]:
-    return [replace(v, note=f"timing, not re-measured: {why}") if v.status == "fail" and v.timing else v
+    return [replace(v, note=f"timing; not re-measured ({why})") if v.status == "fail" and v.timing else v
             for v in verdicts]
 
 
@@ -238,8 +238,8 @@ _STYLE = {"pass": "[green]pass[/green]", "fail": "[bold red]FAIL[/bold red]", "m
 
 
 def table(verdicts: list[Verdict], rules: list[Rule], currents: list[Source], notes: list[str]) -> Table:
-    rows = [[v.metric, _fmt(v.baseline), _fmt(v.current), f"{v.rule.text}  (line {v.rule.line})",
-             _STYLE[v.status] + (f" {v.note}" if v.note else "")] for v in verdicts]
+    rows = [[v.metric, _fmt(v.baseline), _fmt(v.current), f"{v.rule.text}  (line {v.rule.line})", _STYLE[v.status], v.note]
+            for v in verdicts]
     counts = ", ".join(f"{sum(v.status == s for v in verdicts)} {s}" for s in STATUSES)
     run_suites = {s for c in currents for s in c.suites}
     idle = sorted({r.suite for r in rules} - run_suites)
@@ -249,7 +249,8 @@ def table(verdicts: list[Verdict], rules: list[Rule], currents: list[Source], no
     if idle:
         caption.append(f"rules for suites not in this run, not checked: {', '.join(idle)}")
     title = "Regression gate: " + ", ".join(f"{c.path} ({c.profile})" for c in currents)
-    return Table(title, ["metric", "baseline", "current", "rule", "verdict"], rows, caption)
+    return Table(title, ["metric", "baseline", "current", "rule", "verdict", "note"], rows, caption,
+                 justify=["left", "right", "right", "left", "left", "left"])
 
 
 def _fmt(value: float | None) -> str:

