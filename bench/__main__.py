@@ -2,4 +2,6 @@ import sys
 
 from bench.cli import main
 
+if not sys.stdout.isatty():
+    sys.stdout.reconfigure(line_buffering=True)  # a CI log shows each progress line as it happens
 sys.exit(main())

@@ -105,6 +105,8 @@ def baseline_path(folder: Path, source_kind: str, device_cls: str, profile: str)
 def pair(baselines: list[Source], currents: list[Source]) -> list[str]:
     """Check each current source against the baseline of its kind; notes on lesser differences."""
     by_kind = {b.kind: b for b in baselines}
+    if len(by_kind) < len(baselines):
+        raise GateError("two baselines of one kind given: pass one results file and at most one micro-benchmark file")
     seen: dict[str, str] = {}
     notes = []
     for current in currents:
@@ -124,7 +126,7 @@ def check_comparable(baseline: Source, current: Source) -> list[str]:
     for what, old, new in (("device class", baseline.device_class, current.device_class),
                            ("profile", baseline.profile, current.profile), ("schema", baseline.schema, current.schema)):
         if old != new:
-            fix = ("refresh the baseline: python -m bench baseline" if what == "schema" else
+            fix = ("re-measure the older one (python -m bench baseline refreshes a baseline)" if what == "schema" else
                    f"compare with a baseline of {what} {new!r} (python -m bench baseline makes one), or rerun at {old!r}")
             raise GateError(f"refusing to compare: the baseline {baseline.path} is {what} {old!r}, the current "
                             f"{current.path} is {new!r}; {fix}")

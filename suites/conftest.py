@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +40,10 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
+def _command() -> str:
+    return shlex.join([Path(sys.executable).name, "-m", "pytest", *sys.argv[1:]])
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Say where the figures came from, in the same terms as cbn-bench's results files."""
     device = _device(config)
@@ -45,5 +52,5 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "schema_version": MICRO_SCHEMA_VERSION,
         "device": device,
         "profile": device,  # suites/micro.py's SHAPES are per device type
-        "environment": dataclasses.asdict(env.capture(device)),
+        "environment": dataclasses.asdict(dataclasses.replace(env.capture(device), command=_command())),
     }
