@@ -12,7 +12,6 @@ after another, not interleaved, and on a shared machine the minimum of hundreds 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.results import ResultsFileError, slug
+from bench.results import ResultsFileError, read_json, slug
 from bench.stats import Summary, ratio_of_medians
 from bench.suite import Table
 
@@ -102,17 +101,10 @@ def is_micro_file(data: object) -> bool:
 
 
 def load(path: str | Path) -> MicroRun:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ResultsFileError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ResultsFileError(f"{path}: not a JSON file ({err})") from None
-    return from_json(data, str(path))
+    return from_json(read_json(Path(path), "micro-benchmark file"), str(path))
 
 
-def from_json(data: dict, path: str) -> MicroRun:
+def from_json(data: object, path: str) -> MicroRun:
     info = data.get("machine_info", {}).get("cbn_bench") if is_micro_file(data) else None
     if not isinstance(info, dict) or info.get("schema") != SCHEMA:
         raise ResultsFileError(f"{path}: not a cbn-bench micro-benchmark file (pytest-benchmark JSON from "

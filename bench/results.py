@@ -173,6 +173,15 @@ def _upgrade_1_to_2(data: dict) -> dict:
 UPGRADES = {0: _upgrade_0_to_1, 1: _upgrade_1_to_2}
 
 
+def read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsFileError(f"{path}: no such {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ResultsFileError(f"{path}: not a JSON {what} ({err})") from None
+
+
 def load(path: str | Path) -> RunResult:
     """Read a results file, upgrading older schema versions; refuse anything else clearly."""
     return load_with_version(path)[0]
@@ -181,12 +190,7 @@ def load(path: str | Path) -> RunResult:
 def load_with_version(path: str | Path) -> tuple[RunResult, int]:
     """The run (upgraded to the current schema) and the schema version the file was written in."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ResultsFileError(f"{path}: no such results file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ResultsFileError(f"{path}: not a JSON results file ({err})") from None
+    data = read_json(path, "results file")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ResultsFileError(f"{path}: not a cbn-bench results file (no \"schema\": \"{SCHEMA}\" field)")
     stored = version = data.get("schema_version")
