@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from bench import cli, env, gate, micro, report, results, thresholds
+from bench import env, gate, micro, report, results, runs, thresholds
 from bench.gate import MICRO_SUITE, Source
 
 BASELINES = Path("results") / "baselines"
@@ -22,7 +22,7 @@ GATE_PROFILE = "quick"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    suites = [*cli.suite_registry(), MICRO_SUITE]
+    suites = [*runs.suite_registry(), MICRO_SUITE]
     g = sub.add_parser("gate", help="compare with the stored baseline under the thresholds; exit 1 on a regression",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to measure (default: all of {', '.join(suites)})")
@@ -58,19 +58,19 @@ def measure(names: list[str], profile: str, device: str, threads: int | None, ou
     sources = []
     harness = [n for n in names if n != MICRO_SUITE]
     if harness:
-        run, paths, interrupted = cli.execute(cli.plan(harness, profile, device), threads, out)
+        run, paths, interrupted = runs.execute(runs.plan(harness, profile, device), threads, out)
         if interrupted:
             raise KeyboardInterrupt
         sources.append(gate.from_run(run, str(paths[0]), results.SCHEMA_VERSION))
     if MICRO_SUITE in names:
         path = micro.run(device, out, threads)
-        report.print_tables([micro.table(micro.load(path))], cli.console)
+        report.print_tables([micro.table(micro.load(path))], runs.console)
         sources.append(gate.load_source(path))
     return sources
 
 
 def _suites(names: list[str]) -> list[str]:
-    known = [*cli.suite_registry(), MICRO_SUITE]
+    known = [*runs.suite_registry(), MICRO_SUITE]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown suite {unknown[0]!r}; available: {', '.join(known)}")
@@ -118,12 +118,12 @@ def gate_command(args: argparse.Namespace) -> int:
         if again and args.no_retry:
             verdicts = gate.not_remeasured(verdicts, "--no-retry")
         elif again:
-            cli.console.print(f"[yellow]timing rules failed in {', '.join(again)}: re-measuring once[/yellow]")
+            runs.console.print(f"[yellow]timing rules failed in {', '.join(again)}: re-measuring once[/yellow]")
             verdicts = gate.remeasured(verdicts, measure(again, args.profile, device, threads, args.out))
-    report.print_tables([gate.table(verdicts, rules, currents, notes)], cli.console)
+    report.print_tables([gate.table(verdicts, rules, currents, notes)], runs.console)
     status = gate.exit_status(verdicts)
     failed = [v.metric for v in verdicts if v.failed]
-    cli.console.print("[green]gate passed[/green]" if status == 0 else
+    runs.console.print("[green]gate passed[/green]" if status == 0 else
                       f"[bold red]gate failed[/bold red]: {len(failed)} of {len(verdicts)} checks: {', '.join(failed)}")
     return status
 
@@ -148,7 +148,7 @@ def baseline_command(args: argparse.Namespace) -> int:
     sources = measure(names, args.profile, device, args.threads, args.out)
     failed = [f"{s.path}: {case} {why}" for s in sources for case, why in s.absent.items() if not why.startswith("skipped")]
     if failed:
-        cli.console.print("[red]no baseline written: cases failed[/red]\n  " + "\n  ".join(failed))
+        runs.console.print("[red]no baseline written: cases failed[/red]\n  " + "\n  ".join(failed))
         return 1
     for source in sources:
         target = gate.baseline_path(args.folder, source.kind, source.device_class, source.profile)
@@ -156,8 +156,8 @@ def baseline_command(args: argparse.Namespace) -> int:
         markdown = Path(source.path).with_suffix(".md")
         if markdown.exists():
             results.write_atomic(target.with_suffix(".md"), markdown.read_bytes())
-        cli.console.print(f"baseline written: {target} (from {source.path})")
-    cli.console.print("review the tables above, then commit the baseline files with a note in results/README.md")
+        runs.console.print(f"baseline written: {target} (from {source.path})")
+    runs.console.print("review the tables above, then commit the baseline files with a note in results/README.md")
     return 0
 
 
@@ -167,12 +167,12 @@ def spread_command(args: argparse.Namespace) -> int:
         raise ValueError("give at least two files of repeated identical runs")
     for source in sources[1:]:
         gate.check_comparable(sources[0], source)
-    report.print_tables([gate.spread_table(sources)], cli.console)
+    report.print_tables([gate.spread_table(sources)], runs.console)
     return 0
 
 
 def micro_command(args: argparse.Namespace) -> int:
     path = micro.run(args.device or env.best_device(), args.out, args.threads)
-    report.print_tables([micro.table(micro.load(path))], cli.console)
-    cli.console.print(f"results written to:\n  {path}")
+    report.print_tables([micro.table(micro.load(path))], runs.console)
+    runs.console.print(f"results written to:\n  {path}")
     return 0

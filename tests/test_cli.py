@@ -58,6 +58,9 @@ def test_smoke_run_of_both_suites_writes_results_and_compares(tmp_path):
     assert cbn_case.metrics["inference_forward_macs"] == run.case("table6", "bn").metrics["inference_forward_macs"]
     assert run.case("gradpath", "naive-3x3-C16").metrics["max_relative_difference_to_efficient"] < 1e-3
 
+    shown = bench("show", str(json_path))
+    assert shown.returncode == 0 and "Table 6, profile smoke" in shown.stdout
+
     second = bench("gradpath", "--profile", "smoke", "--rounds", "1", "--out", str(tmp_path), "--compare", str(json_path))
     assert second.returncode == 0, second.stdout[-3000:]
     assert "comparison with the previous run" in second.stdout
