@@ -12,8 +12,8 @@ import argparse
 import os
 from pathlib import Path
 
-from bench import env, gate, micro, report, results, runs, thresholds
-from bench.gate import MICRO_SUITE, Source
+from bench import env, gate, micro, report, results, runs, sources, thresholds
+from bench.sources import MICRO_SUITE, Source
 
 BASELINES = Path("results") / "baselines"
 THRESHOLDS = Path("results") / "thresholds.toml"
@@ -55,18 +55,18 @@ def _measure_options(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------- measuring
 def measure(names: list[str], profile: str, device: str, threads: int | None, out: Path) -> list[Source]:
     """Run the named suites (harness suites in one run, then the micro-benchmarks) into sources."""
-    sources = []
+    found = []
     harness = [n for n in names if n != MICRO_SUITE]
     if harness:
         run, paths, interrupted = runs.execute(runs.plan(harness, profile, device), threads, out)
         if interrupted:
             raise KeyboardInterrupt
-        sources.append(gate.from_run(run, str(paths[0]), results.SCHEMA_VERSION))
+        found.append(sources.from_run(run, str(paths[0]), results.SCHEMA_VERSION))
     if MICRO_SUITE in names:
         path = micro.run(device, out, threads)
         report.print_tables([micro.table(micro.load(path))], runs.console)
-        sources.append(gate.load_source(path))
-    return sources
+        found.append(sources.load_source(path))
+    return found
 
 
 def _suites(names: list[str]) -> list[str]:
@@ -100,19 +100,19 @@ def gate_command(args: argparse.Namespace) -> int:
     if args.results and args.suites:
         raise ValueError("give SUITEs to measure or --results FILEs to judge, not both")
     if args.results:
-        currents = [gate.load_source(p) for p in args.results]
+        currents = [sources.load_source(p) for p in args.results]
         baselines = _baselines(args.baseline, [(c.kind, c.profile, c.device_class) for c in currents])
-        notes = gate.pair(baselines, currents)
+        notes = sources.pair(baselines, currents)
         verdicts = gate.not_remeasured(gate.evaluate(rules, baselines, currents), "--results")
     else:
         names = _suites(args.suites)
         device = args.device or env.best_device()
-        cls = gate.device_class(device, env.capture(device).device_name)
+        cls = sources.device_class(device, env.capture(device).device_name)
         planned = [(kind, profile, cls) for kind, profile in _planned_sources(names, args.profile, device)]
         baselines = _baselines(args.baseline, planned)
         threads, notes = _threads(args, baselines)
         currents = measure(names, args.profile, device, threads, args.out)
-        notes += gate.pair(baselines, currents)
+        notes += sources.pair(baselines, currents)
         verdicts = gate.evaluate(rules, baselines, currents)
         again = sorted(gate.needs_remeasure(verdicts))
         if again and args.no_retry:
@@ -130,28 +130,28 @@ def gate_command(args: argparse.Namespace) -> int:
 
 def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, str]]) -> list[Source]:
     if given:
-        return [gate.load_source(p) for p in given]
-    sources = []
+        return [sources.load_source(p) for p in given]
+    loaded = []
     for kind, profile, cls in dict.fromkeys(wanted):
-        path = gate.baseline_path(BASELINES, kind, cls, profile)
+        path = sources.baseline_path(BASELINES, kind, cls, profile)
         if not path.exists():
             what = "micro-benchmark baseline" if kind == micro.SCHEMA else f"baseline for profile {profile!r}"
-            raise gate.GateError(f"no {what} for device class {cls!r}: {path} does not exist; make it with "
-                                 f"`python -m bench baseline --profile {profile}` or pass --baseline FILE")
-        sources.append(gate.load_source(path))
-    return sources
+            raise sources.GateError(f"no {what} for device class {cls!r}: {path} does not exist; make it with "
+                                    f"`python -m bench baseline --profile {profile}` or pass --baseline FILE")
+        loaded.append(sources.load_source(path))
+    return loaded
 
 
 def baseline_command(args: argparse.Namespace) -> int:
     device = args.device or env.best_device()
     names = [n for n in _suites([]) if not (args.skip_micro and n == MICRO_SUITE)]
-    sources = measure(names, args.profile, device, args.threads, args.out)
-    failed = [f"{s.path}: {case} {why}" for s in sources for case, why in s.absent.items() if not why.startswith("skipped")]
+    measured = measure(names, args.profile, device, args.threads, args.out)
+    failed = [f"{s.path}: {case} {why}" for s in measured for case, why in s.absent.items() if not why.startswith("skipped")]
     if failed:
         runs.console.print("[red]no baseline written: cases failed[/red]\n  " + "\n  ".join(failed))
         return 1
-    for source in sources:
-        target = gate.baseline_path(args.folder, source.kind, source.device_class, source.profile)
+    for source in measured:
+        target = sources.baseline_path(args.folder, source.kind, source.device_class, source.profile)
         results.write_atomic(target, Path(source.path).read_bytes())
         markdown = Path(source.path).with_suffix(".md")
         if markdown.exists():
@@ -162,12 +162,12 @@ def baseline_command(args: argparse.Namespace) -> int:
 
 
 def spread_command(args: argparse.Namespace) -> int:
-    sources = [gate.load_source(p) for p in args.files]
-    if len(sources) < 2:
+    files = [sources.load_source(p) for p in args.files]
+    if len(files) < 2:
         raise ValueError("give at least two files of repeated identical runs")
-    for source in sources[1:]:
-        gate.check_comparable(sources[0], source)
-    report.print_tables([gate.spread_table(sources)], runs.console)
+    for source in files[1:]:
+        sources.check_comparable(files[0], source)
+    report.print_tables([gate.spread_table(files)], runs.console)
     return 0
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, gate, micro, regression, thresholds
-from bench.gate import Metric, Source
+from bench import cli, micro, regression, sources, thresholds
+from bench.sources import Metric, Source
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "results" / "baselines" / "cpu" / "quick.json"
@@ -209,7 +209,7 @@ def test_a_deterministic_failure_is_never_re_measured(tmp_path, monkeypatch, cap
 def test_micro_ratios_are_minimum_times_over_the_groups_reference():
     run = micro.load(MICRO_BASELINE)
     fastest = {(b.group, b.norm): min(b.samples_s) for b in run.benchmarks}
-    src = gate.from_micro(run)
+    src = sources.from_micro(run)
     value = src.metrics["micro.forward+backward.cbn/bn time ratio"].value
     assert value == fastest[("forward+backward", "cbn")] / fastest[("forward+backward", "bn")]
     assert "micro.forward.bn/bn time ratio" not in src.metrics
@@ -217,7 +217,7 @@ def test_micro_ratios_are_minimum_times_over_the_groups_reference():
 
 
 def test_results_sources_mark_timing_metrics():
-    src = gate.load_source(BASELINE)
+    src = sources.load_source(BASELINE)
     assert src.metrics["table6.cbn.train_step_median_s"].timing
     assert src.metrics["table6.cbn/bn train iter/s ratio"].timing
     assert not src.metrics["table6.cbn.train_step_flops"].timing
@@ -234,7 +234,7 @@ def test_a_foreign_file_is_refused(tmp_path, capsys):
 
 def test_every_rule_in_the_committed_file_names_real_metrics():
     rules = thresholds.load(THRESHOLDS)
-    names = set(gate.load_source(BASELINE).metrics) | set(gate.load_source(MICRO_BASELINE).metrics)
+    names = set(sources.load_source(BASELINE).metrics) | set(sources.load_source(MICRO_BASELINE).metrics)
     unmatched = [r.pattern for r in rules if not any(r.matches(n) for n in names)]
     assert unmatched == []
 
@@ -248,3 +248,16 @@ def test_spread_reports_the_widest_pairwise_drift_of_timing_metrics(tmp_path, ca
     assert "10.0%" in row
     assert "train_step_flops" not in out  # deterministic figures have no spread to calibrate
     assert cli.main(["spread", str(BASELINE)]) == 2
+
+
+def test_measuring_the_micro_suite_reads_the_file_it_ran(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_run(device, out, threads):
+        ran.append((device, out, threads))
+        return MICRO_BASELINE
+
+    monkeypatch.setattr(micro, "run", fake_run)
+    (found,) = regression.measure(["micro"], "quick", "cpu", 2, tmp_path)
+    assert ran == [("cpu", tmp_path, 2)]
+    assert found.path == str(MICRO_BASELINE) and found.suites == ("micro",)

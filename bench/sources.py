@@ -1,0 +1,133 @@
+"""What the gate compares: named metrics drawn from a cbn-bench results file or a micro-benchmark
+(pytest-benchmark) file, with the device class, profile and schema that decide comparability.
+
+Metric names are ``<suite>.<case>.<metric>`` for a case's figure (``table6.cbn.train_step_flops``),
+``<suite>.<figure>`` for a derived one (``table6.cbn/bn train iter/s ratio``) and
+``micro.<group>.<norm>/<reference> time ratio`` for the micro-benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import micro, results
+from bench.results import ResultsFileError, RunResult
+
+MICRO_SUITE = "micro"
+
+
+class GateError(ValueError):
+    """A comparison the gate refuses to make (usage problem: exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    value: float
+    timing: bool  # from timing samples: noisy, so a failure may be re-measured once
+
+
+@dataclass(frozen=True)
+class Source:
+    """One results file or micro-benchmark file, reduced to what the gate compares."""
+
+    path: str
+    schema: str  # name and version, e.g. "cbn-bench/results v2"
+    device_class: str
+    profile: str
+    suites: tuple[str, ...]
+    metrics: dict[str, Metric]
+    absent: dict[str, str] = field(default_factory=dict)  # "<suite>.<case>" -> why it has no figures
+    cpu_model: str = ""
+    threads: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.schema.split(" ")[0]
+
+
+def device_class(device: str, device_name: str) -> str:
+    """What a baseline is kept per: "cpu" for any CPU (ratios only), else the GPU model."""
+    return "cpu" if device == "cpu" else results.slug(device_name)
+
+
+def from_run(run: RunResult, path: str, stored_version: int) -> Source:
+    metrics: dict[str, Metric] = {}
+    absent = {}
+    for case in run.cases:
+        if case.status != "ok":
+            why = (case.error or "; ".join(case.notes) or "").strip().splitlines()
+            absent[f"{case.suite}.{case.case}"] = f"{case.status}: {why[0][:120] if why else ''}".rstrip(": ")
+            continue
+        for name, value in case.metrics.items():
+            metrics[f"{case.suite}.{case.case}.{name}"] = Metric(value, timing=name.endswith("_s"))
+    for d in run.derived:
+        metrics[f"{d.suite}.{d.name}"] = Metric(d.value, timing=d.timing)
+    e = run.environment
+    return Source(path, f"{run.schema} v{stored_version}", device_class(run.device, e.device_name), run.profile,
+                  tuple(run.suites), metrics, absent, e.cpu_model, e.threads)
+
+
+def from_micro(run: micro.MicroRun) -> Source:
+    references = run.reference_norms
+    metrics = {f"{MICRO_SUITE}.{group}.{norm}/{references[group]} time ratio": Metric(value, timing=True)
+               for (group, norm), value in run.ratios().items() if norm != references[group]}
+    e = run.environment
+    return Source(run.path, f"{micro.SCHEMA} v{run.schema_version}", device_class(run.device, e.get("device_name", "")),
+                  run.profile, (MICRO_SUITE,), metrics, {}, e.get("cpu_model", ""), e.get("threads"))
+
+
+def load_source(path: str | Path) -> Source:
+    """A cbn-bench results file or a micro-benchmark JSON, told apart by their content."""
+    try:
+        run, stored = results.load_with_version(path)
+        return from_run(run, str(path), stored)
+    except ResultsFileError as err:
+        if "not a cbn-bench results file" not in str(err):
+            raise
+    try:
+        return from_micro(micro.load(path))
+    except ResultsFileError:
+        raise ResultsFileError(f"{path}: neither a cbn-bench results file nor a micro-benchmark file") from None
+
+
+def baseline_path(folder: Path, source_kind: str, device_cls: str, profile: str) -> Path:
+    name = "micro.json" if source_kind == micro.SCHEMA else f"{profile}.json"
+    return folder / device_cls / name
+
+
+def pair(baselines: list[Source], currents: list[Source]) -> list[str]:
+    """Check each current source against the baseline of its kind; notes on lesser differences."""
+    by_kind = {b.kind: b for b in baselines}
+    if len(by_kind) < len(baselines):
+        raise GateError("two baselines of one kind given: pass one results file and at most one micro-benchmark file")
+    seen: dict[str, str] = {}
+    notes = []
+    for current in currents:
+        for suite in current.suites:
+            if suite in seen:
+                raise GateError(f"suite {suite!r} is in both {seen[suite]} and {current.path}: give one results file per suite")
+            seen[suite] = current.path
+        baseline = by_kind.get(current.kind)
+        if baseline is None:
+            raise GateError(f"no baseline given for {current.path} ({current.kind}); pass one with --baseline")
+        notes += check_comparable(baseline, current)
+    return notes
+
+
+def check_comparable(baseline: Source, current: Source) -> list[str]:
+    """Refuse unlike comparisons (device class, profile, schema); note CPU model or thread changes."""
+    for what, old, new in (("device class", baseline.device_class, current.device_class),
+                           ("profile", baseline.profile, current.profile), ("schema", baseline.schema, current.schema)):
+        if old != new:
+            fix = ("re-measure the older one (python -m bench baseline refreshes a baseline)" if what == "schema" else
+                   f"compare with a baseline of {what} {new!r} (python -m bench baseline makes one), or rerun at {old!r}")
+            raise GateError(f"refusing to compare: the baseline {baseline.path} is {what} {old!r}, the current "
+                            f"{current.path} is {new!r}; {fix}")
+    notes = []
+    if baseline.cpu_model != current.cpu_model:
+        notes.append(f"CPU differs from the baseline's ({baseline.cpu_model!r} vs {current.cpu_model!r}): "
+                     "timing ratios may shift")
+    if baseline.threads != current.threads:
+        notes.append(f"{current.path}: {current.threads} threads, the baseline {baseline.threads}")
+    return notes
