@@ -101,7 +101,7 @@ def load(path: str | Path) -> list[Rule]:
     rules: list[Rule] = []
     for suite, table in data.items():
         if not isinstance(table, dict):
-            line = next((n for n, text in enumerate(lines, 1) if _key_part(text.strip()).strip("\"'") == suite), 0)
+            line = next((n for n, raw in enumerate(lines, 1) if _key_part(raw.strip()).strip("\"'") == suite), 0)
             raise ThresholdsError(f"{path}:{line}: {suite!r} is not a [suite] table of rules; put rules under [{suite}]")
         for key, value in _flatten(table):
             line = _line_of(lines, suite, key)
@@ -122,11 +122,11 @@ def _flatten(table: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def _line_of(lines: list[str], table: str, key: str | None = None) -> int:
-    """The 1-based line defining [table], or key within it (tomllib keeps no positions); 0 if not found."""
-    start = next((n for n, line in enumerate(lines) if line.strip() == f"[{table}]"), None)
-    if key is None or start is None:
-        return 0 if start is None else start + 1
+def _line_of(lines: list[str], table: str, key: str) -> int:
+    """The 1-based line defining key under [table] (tomllib keeps no positions); 0 if not found."""
+    start = next((n for n, line in enumerate(lines) if line.split("#", 1)[0].strip() == f"[{table}]"), None)
+    if start is None:
+        return 0
     for number, line in enumerate(lines[start + 1:], start + 2):
         if _key_part(line.strip()).replace('"', "").replace("'", "") == key:
             return number
