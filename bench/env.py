@@ -24,7 +24,7 @@ def best_device() -> str:
 def capture(device: str, argv: list[str] | None = None) -> Environment:
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     return Environment(
-        device_name=torch.cuda.get_device_name(0) if cuda else f"cpu: {cpu_model()}",
+        device_name=device_name(device),
         device_count=torch.cuda.device_count() if cuda else 1,
         driver_version=nvidia_driver() if cuda else None,
         cuda_version=torch.version.cuda,
@@ -44,6 +44,11 @@ def capture(device: str, argv: list[str] | None = None) -> Environment:
         command=shlex.join([Path(sys.executable).name, "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
         optional_tools={name: _version(name) or "not installed" for name in OPTIONAL_TOOLS},
     )
+
+
+def device_name(device: str) -> str:
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    return torch.cuda.get_device_name(0) if cuda else f"cpu: {cpu_model()}"
 
 
 def cpu_model() -> str:

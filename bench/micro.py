@@ -15,7 +15,7 @@ import importlib
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -68,7 +68,7 @@ def benchmark_file() -> Path:
     return Path(importlib.import_module("suites").MICRO_BENCHMARKS)
 
 
-def run(device: str, out: Path, threads: int | None = None, extra_args: tuple[str, ...] = ()) -> Path:
+def run(device: str, out: Path, threads: int | None = None, extra_args: tuple[str, ...] = ()) -> MicroRun:
     """Run the micro-benchmarks in a pytest subprocess; the JSON lands atomically in out."""
     try:
         importlib.import_module("pytest_benchmark")
@@ -88,12 +88,12 @@ def run(device: str, out: Path, threads: int | None = None, extra_args: tuple[st
             raise ValueError(f"the micro-benchmarks produced no results (pytest exit {code}); its output is above")
         if code != 0:  # the JSON holds the benchmarks that ran; the gate lists the others as missing
             print(f"pytest exit {code}: some micro-benchmarks failed (output above); kept the others", file=sys.stderr)
-        name = load(partial).environment.get("device_name", device)
-        path = out / f"{stamp}_micro_{slug(name)}.json"
+        measured = load(partial)
+        path = out / f"{stamp}_micro_{slug(measured.environment.get('device_name', device))}.json"
         os.replace(partial, path)  # pytest-benchmark writes in place; the final name appears whole
     finally:
         partial.unlink(missing_ok=True)
-    return path
+    return replace(measured, path=str(path))
 
 
 def is_micro_file(data: object) -> bool:

@@ -63,9 +63,9 @@ def measure(names: list[str], profile: str, device: str, threads: int | None, ou
             raise KeyboardInterrupt
         found.append(sources.from_run(run, str(paths[0]), results.SCHEMA_VERSION))
     if MICRO_SUITE in names:
-        path = micro.run(device, out, threads)
-        report.print_tables([micro.table(micro.load(path))], runs.console)
-        found.append(sources.load_source(path))
+        measured = micro.run(device, out, threads)
+        report.print_tables([micro.table(measured)], runs.console)
+        found.append(sources.from_micro(measured))
     return found
 
 
@@ -107,7 +107,7 @@ def gate_command(args: argparse.Namespace) -> int:
     else:
         names = _suites(args.suites)
         device = args.device or env.best_device()
-        cls = sources.device_class(device, env.capture(device).device_name)
+        cls = sources.device_class(device, env.device_name(device))
         planned = [(kind, profile, cls) for kind, profile in _planned_sources(names, args.profile, device)]
         baselines = _baselines(args.baseline, planned)
         threads, notes = _threads(args, baselines)
@@ -172,7 +172,7 @@ def spread_command(args: argparse.Namespace) -> int:
 
 
 def micro_command(args: argparse.Namespace) -> int:
-    path = micro.run(args.device or env.best_device(), args.out, args.threads)
-    report.print_tables([micro.table(micro.load(path))], runs.console)
-    runs.console.print(f"results written to:\n  {path}")
+    measured = micro.run(args.device or env.best_device(), args.out, args.threads)
+    report.print_tables([micro.table(measured)], runs.console)
+    runs.console.print(f"results written to:\n  {measured.path}")
     return 0

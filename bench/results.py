@@ -189,9 +189,16 @@ def load(path: str | Path) -> RunResult:
 
 def load_with_version(path: str | Path) -> tuple[RunResult, int]:
     """The run (upgraded to the current schema) and the schema version the file was written in."""
-    path = Path(path)
-    data = read_json(path, "results file")
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+    return parse(read_json(Path(path), "results file"), str(path))
+
+
+def is_results_file(data: object) -> bool:
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
+
+
+def parse(data: object, path: str) -> tuple[RunResult, int]:
+    """load_with_version for JSON already read from path."""
+    if not is_results_file(data):
         raise ResultsFileError(f"{path}: not a cbn-bench results file (no \"schema\": \"{SCHEMA}\" field)")
     stored = version = data.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:

@@ -79,14 +79,12 @@ def from_micro(run: micro.MicroRun) -> Source:
 
 def load_source(path: str | Path) -> Source:
     """A cbn-bench results file or a micro-benchmark JSON, told apart by their content."""
-    try:
-        run, stored = results.load_with_version(path)
+    data = results.read_json(Path(path), "results file")
+    if results.is_results_file(data):
+        run, stored = results.parse(data, str(path))
         return from_run(run, str(path), stored)
-    except ResultsFileError as err:
-        if "not a cbn-bench results file" not in str(err):
-            raise
     try:
-        return from_micro(micro.load(path))
+        return from_micro(micro.from_json(data, str(path)))
     except ResultsFileError:
         raise ResultsFileError(f"{path}: neither a cbn-bench results file nor a micro-benchmark file") from None
 

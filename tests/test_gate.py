@@ -255,7 +255,7 @@ def test_measuring_the_micro_suite_reads_the_file_it_ran(tmp_path, monkeypatch):
 
     def fake_run(device, out, threads):
         ran.append((device, out, threads))
-        return MICRO_BASELINE
+        return micro.load(MICRO_BASELINE)
 
     monkeypatch.setattr(micro, "run", fake_run)
     (found,) = regression.measure(["micro"], "quick", "cpu", 2, tmp_path)
