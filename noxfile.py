@@ -40,7 +40,7 @@ def gate(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def micro(session: nox.Session) -> None:
-    """Run the pytest-benchmark layer micro-benchmarks; their JSON goes under results/micro/."""
+    """Run the pytest-benchmark layer micro-benchmarks; their JSON goes under results/runs/."""
     install_project(session, "test")
     session.run("python", "-m", "bench", "micro", *session.posargs)
 

@@ -1,5 +1,5 @@
-"""Command line: `python -m bench [run] [SUITE ...] [options]`, `show FILE`, and the regression
-commands `gate`, `baseline`, `spread` and `micro` (bench/regression.py)."""
+"""The command line, all of it: `python -m bench [run] [SUITE ...]`, `show`, `counts`, `recover`,
+`micro`, and the gate's `gate`, `baseline` and `spread` (implemented in bench/gate/commands.py)."""
 
 from __future__ import annotations
 
@@ -7,34 +7,104 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import regression, report, results
-from bench.runs import DEFAULT_OUT, console, execute, plan, preamble, suite_registry, tables
+from bench import counts, env, pytest_suites, report, results, session
+from bench.gate import commands as gate_commands
+from bench.session import console
 from bench.suite import Table, load_suite
+
+PROFILE_HELP = "sizes to run at: paper (default on CUDA), cpu (default without GPU), quick, smoke"
 
 
 def parser() -> argparse.ArgumentParser:
-    registry = suite_registry()
+    registry = session.suite_registry()
+    every = [*registry, *pytest_suites.registry()]
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = p.add_subparsers(dest="command")
+
     run = sub.add_parser("run", help="run suites (the default command)")
     run.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all of {', '.join(registry)})")
-    run.add_argument("--profile", help="sizes to run at: paper (default on CUDA), cpu (default without GPU), smoke")
+    run.add_argument("--profile", help=PROFILE_HELP)
     run.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
     run.add_argument("--rounds", type=int, help="timed rounds per case (default: the profile's)")
     run.add_argument("--threads", type=int, help="torch CPU threads in each worker (default: torch's)")
-    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for results (default: {DEFAULT_OUT})")
+    run.add_argument("--out", type=Path, default=session.DEFAULT_OUT, help=f"folder for results (default: {session.DEFAULT_OUT})")
     run.add_argument("--compare", type=Path, metavar="FILE", help="a previous results file to compare ratios with")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a suite option, e.g. placement=all")
-    for key, help_text in (("placement", "table6: heads (paper default) or all (also backbone stages 2-4)"),
-                           ("arch", "table6: mask_rcnn or faster_rcnn"), ("depth", "table6: ResNet depth, 50 or 101")):
-        run.add_argument(f"--{key}", help=f"{help_text}; same as --set {key}=...")
+    _suite_options(run)
+
     show = sub.add_parser("show", help="print the tables of a stored results file")
     show.add_argument("file", type=Path)
-    regression.add_parsers(sub)
+
+    counted = sub.add_parser("counts", help="count FLOPs once on this machine and store them for later runs to reuse")
+    counted.add_argument("suites", nargs="*", metavar="SUITE", help="suites to count (default: those with COUNTS)")
+    counted.add_argument("--profile", help="the profile whose cases to count, e.g. paper")
+    counted.add_argument("--device", choices=["cuda", "cpu"], default="cpu", help="default: cpu (counts do not depend on it)")
+    counted.add_argument("--threads", type=int, help="torch CPU threads in each worker (default: torch's)")
+    counted.add_argument("--out", type=Path, default=counts.DEFAULT_FOLDER, help=f"store folder (default: {counts.DEFAULT_FOLDER})")
+    counted.add_argument("--from", dest="from_run", type=Path, metavar="FILE",
+                         help="store the counts a results file measured instead of counting again")
+    _suite_options(counted)
+
+    recover = sub.add_parser("recover", help="turn the journal of a run that died into its results file")
+    recover.add_argument("journal", type=Path, help="the .<run>.journal.jsonl file left in the results folder")
+    recover.add_argument("--out", type=Path, help="folder for the results file (default: the journal's)")
+
+    micro = sub.add_parser("micro", help="run the pytest-benchmark layer micro-benchmarks")
+    micro.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
+    micro.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    micro.add_argument("--out", type=Path, default=session.DEFAULT_OUT, help=f"folder for the JSON (default: {session.DEFAULT_OUT})")
+
+    gate = sub.add_parser("gate", help="compare with the stored baseline under the thresholds; exit 1 on a regression",
+                          description=gate_commands.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gate.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to measure (default: all of {', '.join(every)})")
+    gate.add_argument("--results", nargs="+", type=Path, metavar="FILE",
+                      help="judge these results / micro-benchmark files instead of measuring (no re-measuring)")
+    gate.add_argument("--baseline", nargs="+", type=Path, metavar="FILE",
+                      help=f"baseline files (default: {gate_commands.BASELINES}/<device class>/<profile>.json and micro.json)")
+    gate.add_argument("--thresholds", type=Path, default=gate_commands.THRESHOLDS,
+                      help=f"rules file (default: {gate_commands.THRESHOLDS})")
+    _measure_options(gate)
+    gate.add_argument("--no-retry", action="store_true", help="judge failed timing rules without re-measuring them")
+
+    baseline = sub.add_parser("baseline", help="measure and store the baselines the gate compares with")
+    baseline.add_argument("--folder", type=Path, default=gate_commands.BASELINES,
+                          help=f"where baselines live (default: {gate_commands.BASELINES})")
+    baseline.add_argument("--skip-micro", action="store_true", help="leave the micro-benchmark baseline as it is")
+    _measure_options(baseline)
+
+    spread = sub.add_parser("spread", help="how timing metrics moved over repeated identical runs (to calibrate tolerances)")
+    spread.add_argument("files", nargs="+", type=Path, metavar="FILE", help="results or micro-benchmark files of one kind")
     return p
 
 
-COMMANDS = ("run", "show", "gate", "baseline", "spread", "micro")
+def _suite_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a suite option, e.g. placement=all")
+    for key, help_text in SHORTHANDS.items():
+        p.add_argument(f"--{key}", help=f"{help_text}; same as --set {key}=...")
+
+
+SHORTHANDS = {"placement": "table6: heads (paper default) or all (also backbone stages 2-4)",
+              "arch": "table6: mask_rcnn or faster_rcnn", "depth": "table6: ResNet depth, 50 or 101"}
+
+
+def _measure_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=gate_commands.GATE_PROFILE,
+                   help=f"profile of the harness suites (default: {gate_commands.GATE_PROFILE})")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the baseline's, else torch's)")
+    p.add_argument("--out", type=Path, default=gate_commands.GATE_OUT,
+                   help=f"folder for the measurements (default: {gate_commands.GATE_OUT})")
+
+
+COMMANDS = {
+    "run": lambda a: run(a),
+    "show": lambda a: show(a.file),
+    "counts": lambda a: count(a),
+    "recover": lambda a: recover(a),
+    "micro": lambda a: micro(a),
+    "gate": gate_commands.gate_command,
+    "baseline": gate_commands.baseline_command,
+    "spread": gate_commands.spread_command,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "run")
     args = parser().parse_args(argv)
-    commands = {"run": run, "show": lambda a: show(a.file), "gate": regression.gate_command,
-                "baseline": regression.baseline_command, "spread": regression.spread_command,
-                "micro": regression.micro_command}
     try:
-        return commands[args.command](args)
-    except (ValueError, results.ResultsFileError) as err:  # ThresholdsError and GateError are ValueErrors
+        return COMMANDS[args.command](args)
+    except (ValueError, results.ResultsFileError) as err:  # the gate's errors are ValueErrors too
         console.print(f"[red]error:[/red] {err}")
         return 2
     except KeyboardInterrupt:
@@ -56,11 +123,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    registry = suite_registry()
+    registry = session.suite_registry()
     chosen = {name: load_suite(registry, name) for name in (args.suites or registry)}
-    p = plan(args.suites, args.profile, args.device, args.rounds, suite_options(args, chosen))
-    previous = results.load(args.compare) if args.compare else None
-    run_result, _, interrupted = execute(p, args.threads, args.out)
+    p = session.plan(args.suites, args.profile, args.device, args.rounds, suite_options(args, chosen))
+    previous = None
+    if args.compare:  # checked before measuring, so a wrong file costs nothing
+        previous = results.load(args.compare)
+        check_comparable(previous, p.profile, env.device_name(p.device))
+    run_result, _, interrupted = session.execute(p, args.threads, args.out)
     if previous is not None:
         report.print_tables([compare_table(previous, run_result)], console)
     if interrupted:
@@ -68,9 +138,41 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(c.status == "error" for c in run_result.cases) else 0
 
 
+def count(args: argparse.Namespace) -> int:
+    if args.from_run:
+        written = session.counts_from_run(args.from_run, args.out)
+        if not written:
+            raise ValueError(f"{args.from_run}: no finished case with stored settings and counts to keep")
+        for path in written:
+            console.print(f"counts stored in {path}")
+        return 0
+    registry = session.suite_registry()
+    names = args.suites or [n for n in registry if load_suite(registry, n).COUNTS]
+    chosen = {name: load_suite(registry, name) for name in names}
+    p = session.plan(names, args.profile, args.device, options=suite_options(args, chosen))
+    for path in session.count(p, args.threads, args.out):
+        console.print(f"counts stored in {path}")
+    return 0
+
+
+def recover(args: argparse.Namespace) -> int:
+    paths = session.recover(args.journal, args.out)
+    console.print("results written to:\n" + "\n".join(f"  {path}" for path in paths))
+    return 0
+
+
+def micro(args: argparse.Namespace) -> int:
+    out = args.out
+    session.check_writable(out)
+    measured, path = pytest_suites.run("micro", args.device or env.best_device(), out, args.threads)
+    report.print_tables([pytest_suites.table(measured, str(path))], console)
+    console.print(f"results written to:\n  {path}")
+    return 0
+
+
 def suite_options(args: argparse.Namespace, suites: dict) -> dict[str, dict[str, str]]:
     """Each suite's share of --set KEY=VALUE (and its shorthands); a key no suite takes is an error."""
-    pairs = list(args.set) + [f"{k}={getattr(args, k)}" for k in ("placement", "arch", "depth") if getattr(args, k)]
+    pairs = list(args.set) + [f"{k}={getattr(args, k)}" for k in SHORTHANDS if getattr(args, k, None)]
     options: dict[str, dict[str, str]] = {name: {} for name in suites}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -84,12 +186,16 @@ def suite_options(args: argparse.Namespace, suites: dict) -> dict[str, dict[str,
     return options
 
 
-def compare_table(previous: results.RunResult, current: results.RunResult) -> Table:
-    if (previous.profile, previous.environment.device_name) != (current.profile, current.environment.device_name):
+def check_comparable(previous: results.RunResult, profile: str, device_name: str) -> None:
+    if (previous.profile, previous.environment.device_name) != (profile, device_name):
         raise ValueError(
             f"--compare: the previous run is profile {previous.profile!r} on {previous.environment.device_name!r}, this one "
-            f"{current.profile!r} on {current.environment.device_name!r}; only like with like can be compared"
+            f"{profile!r} on {device_name!r}; only like with like can be compared"
         )
+
+
+def compare_table(previous: results.RunResult, current: results.RunResult) -> Table:
+    check_comparable(previous, current.profile, current.environment.device_name)
     before = {(d.suite, d.name): d for d in previous.derived}
     rows = []
     for d in current.derived:
@@ -100,9 +206,15 @@ def compare_table(previous: results.RunResult, current: results.RunResult) -> Ta
 
 
 def show(path: Path) -> int:
-    run_result = results.load(path)
-    registry = suite_registry()
+    data = results.read_json(path, "results file")
+    if pytest_suites.is_pytest_benchmark_file(data):
+        run_result = pytest_suites.from_json(data, str(path))
+        console.print("\n".join(session.preamble(run_result)))
+        report.print_tables([pytest_suites.table(run_result, str(path))], console)
+        return 0
+    run_result = results.parse(data, str(path))[0]
+    registry = session.suite_registry()
     suites = {name: load_suite(registry, name) for name in run_result.suites}
-    console.print("\n".join(preamble(run_result)))
-    report.print_tables(tables(run_result, suites), console)
+    console.print("\n".join(session.preamble(run_result)))
+    report.print_tables(session.tables(run_result, suites), console)
     return 0

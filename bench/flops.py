@@ -8,22 +8,21 @@ counts the same op with the formula cbn registers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cbn.ops import conv_weight_grad_macs
+
 
 def conv_weight_grad_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
-    """Multiply-adds of cbn::conv_weight_grad(input, grad_output, weight_shape, ...): each weight
-    entry accumulates over every output position, as many as the conv's forward pass."""
+    """fvcore's handle for cbn::conv_weight_grad(input, grad_output, weight_shape, ...): the traced
+    node's shapes into cbn.ops' formula (as fvcore's conv_flop_jit feeds conv_flop_count)."""
     from fvcore.nn.jit_handles import get_shape
 
-    grad_output = get_shape(inputs[1])
-    weight_shape = _int_list(inputs[2])
-    return math.prod(grad_output) * math.prod(weight_shape[1:])
+    return conv_weight_grad_macs(get_shape(inputs[1]), _int_list(inputs[2]))
 
 
 def _int_list(value: Any) -> list[int]:

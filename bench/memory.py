@@ -94,18 +94,34 @@ def cuda_peak_memory(step: Callable[[], object], device: torch.device) -> tuple[
 
 def nvml_memory(device: torch.device) -> tuple[dict[str, int], list[str]]:
     """This process's GPU memory and the device's used memory from NVML (after the step, before
-    the caching allocator releases anything, so the process figure is its peak footprint)."""
+    the caching allocator releases anything, so the process figure is its peak footprint).
+
+    NVML numbers devices physically, torch after CUDA_VISIBLE_DEVICES: the device is found by its
+    UUID (or PCI bus id), never by torch's index. A missing or failing NVML is a note, not an error.
+    """
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        handle, how = nvml_handle(pynvml, torch.cuda.get_device_properties(device))
         used = {p.pid: p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
         metrics = {"nvml_device_used_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)}
+        notes = [] if how == "uuid" else [f"NVML device found by {how}"]
         if used.get(os.getpid()) is not None:
             metrics["nvml_process_bytes"] = int(used[os.getpid()])
-            return metrics, []
-        return metrics, ["NVML lists no memory for this process (containers often hide PIDs)"]
+            return metrics, notes
+        return metrics, notes + ["NVML lists no memory for this process (containers often hide PIDs)"]
     except Exception as err:  # an optional tool: its failure is reported in the result
         return {}, [f"NVML unavailable: {type(err).__name__}: {err}"]
+
+
+def nvml_handle(pynvml, props) -> tuple[object, str]:
+    """NVML's handle for the GPU torch describes with props, and how it was found."""
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        text = str(uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(text if text.startswith("GPU-") else f"GPU-{text}"), "uuid"
+    if getattr(props, "pci_bus_id", None) is not None:
+        bus_id = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+        return pynvml.nvmlDeviceGetHandleByPciBusId(bus_id), f"PCI bus id {bus_id}"
+    raise RuntimeError(f"torch {torch.__version__} gives neither the UUID nor the PCI bus id of the device")

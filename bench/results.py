@@ -1,7 +1,9 @@
 """Typed results and their JSON storage: one file per run, schema-versioned, written atomically.
 
-Metric names carry their unit (``_s``, ``_bytes``, ``_flops``, ``_per_s``) and values are stored
-unrounded. Raw timing samples are kept beside the summaries so any statistic can be redone.
+Each metric says its kind and unit (bench/metrics.py); values are stored unrounded, and a timing
+keeps its raw samples beside its summary, so any statistic can be redone. Each case's params hold
+the settings it was measured with, so a file renders and compares without today's code. Older
+schema versions are upgraded on load, step by step (UPGRADES).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.metrics import Metric
+
 SCHEMA = "cbn-bench/results"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 STATUSES = ("ok", "error", "skipped", "interrupted")
 
 
@@ -52,11 +56,15 @@ class CaseResult:
     suite: str
     case: str
     params: dict[str, Any]
-    status: str
+    status: str  # one of STATUSES
     error: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)  # deterministic figures and summaries
-    samples: dict[str, list[float]] = field(default_factory=dict)  # raw timing samples, seconds
+    metrics: dict[str, Metric] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)  # how samples were taken (bench/sampling.py)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"case status {self.status!r}: choose one of {', '.join(STATUSES)}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,11 @@ class Derived:
     ci_low: float | None = None
     ci_high: float | None = None
     note: str = ""
-    timing: bool = False  # computed from timing samples (so noisy); otherwise from deterministic counts
+    kind: str = "count"  # "timing" when computed from timing samples (so noisy), else "count" or "peak"
+
+    @property
+    def timing(self) -> bool:
+        return self.kind == "timing"
 
 
 @dataclass(frozen=True)
@@ -83,9 +95,6 @@ class RunResult:
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
 
-    def case(self, suite: str, case: str) -> CaseResult | None:
-        return next((c for c in self.cases if c.suite == suite and c.case == case), None)
-
     def cases_of(self, suite: str) -> list[CaseResult]:
         return [c for c in self.cases if c.suite == suite]
 
@@ -95,7 +104,20 @@ class RunResult:
 
 # ---------------------------------------------------------------------- storage
 def to_json(run: RunResult) -> str:
-    return json.dumps(dataclasses.asdict(run), indent=1, allow_nan=True)
+    data = dataclasses.asdict(run)
+    data["cases"] = [case_to_json(c) for c in run.cases]
+    return json.dumps(data, indent=1, allow_nan=True)
+
+
+def case_to_json(case: CaseResult) -> dict:
+    data = dataclasses.asdict(case)
+    data["metrics"] = {name: metric.to_json() for name, metric in case.metrics.items()}
+    return data
+
+
+def case_from_json(data: dict) -> CaseResult:
+    metrics = {name: Metric.from_json(m) for name, m in data.get("metrics", {}).items()}
+    return CaseResult(**{**data, "metrics": metrics})
 
 
 def _temp_file(folder: Path, prefix: str) -> tuple[int, str]:
@@ -170,7 +192,57 @@ def _upgrade_1_to_2(data: dict) -> dict:
     return data
 
 
-UPGRADES = {0: _upgrade_0_to_1, 1: _upgrade_1_to_2}
+def _upgrade_2_to_3(data: dict) -> dict:
+    # Version 2 took one sample per round, none discarded, the cases in a fixed order, and emptied
+    # CUDA caches after every command.
+    data = dict(data, schema_version=3)
+    cuda = data.get("device", "").startswith("cuda")
+    for case in data.get("cases", []):
+        case.setdefault("sampling", {"kept_per_round": 1, "discarded_per_round": 0, "order": "fixed",
+                                     "cuda_cache": "emptied after every command" if cuda else "not applicable"})
+    return data
+
+
+# Version 3 named a metric's kind and unit by suffix: "_flops", "_macs", "_bytes", and timings as
+# raw samples under "samples" plus "<stem>_median_s", "_q1_s", "_q3_s", "_ci_low_s", "_ci_high_s".
+_V3_SUMMARY = ("median", "q1", "q3", "ci_low", "ci_high")
+_V3_TIMING_NAMES = {"train_step_s": "train_step_time", "inference_s": "inference_time", "stat_grad_s": "stat_grad_time"}
+
+
+def _v3_kind(name: str) -> tuple[str, str]:
+    if name.endswith("_flops"):
+        return "count", "flop"
+    if name.endswith("_macs"):
+        return "count", "mac"
+    if name.startswith(("peak_", "nvml_")):
+        return "peak", "byte"
+    if name.endswith("_bytes"):
+        return "count", "byte"
+    return "count", "1"  # parameters, cbn_layers, max_relative_difference_to_efficient
+
+
+def _upgrade_3_to_4(data: dict) -> dict:
+    data = dict(data, schema_version=4)
+    for case in data.get("cases", []):
+        old, samples = case.get("metrics", {}), case.pop("samples", {})
+        summaries = {f"{name.removesuffix('_s')}_{stat}_s" for name in samples for stat in _V3_SUMMARY}
+        metrics = {}
+        for name, value in old.items():
+            if name not in summaries:
+                kind, unit = _v3_kind(name)
+                metrics[name] = {"value": value, "kind": kind, "unit": unit}
+        for name, values in samples.items():
+            stem = name.removesuffix("_s")
+            summary = {stat: old.get(f"{stem}_{stat}_s") for stat in _V3_SUMMARY}
+            metrics[_V3_TIMING_NAMES.get(name, f"{stem}_time")] = {
+                "value": summary["median"], "kind": "timing", "unit": "s", "samples": values, "summary": {"n": len(values), **summary}}
+        case["metrics"] = metrics
+    for d in data.get("derived", []):
+        d["kind"] = "timing" if d.pop("timing", False) else "count"
+    return data
+
+
+UPGRADES = {0: _upgrade_0_to_1, 1: _upgrade_1_to_2, 2: _upgrade_2_to_3, 3: _upgrade_3_to_4}
 
 
 def read_json(path: Path, what: str) -> object:
@@ -214,11 +286,11 @@ def parse(data: object, path: str) -> tuple[RunResult, int]:
             device=data["device"],
             suites=list(data["suites"]),
             environment=Environment(**data["environment"]),
-            cases=[CaseResult(**c) for c in data["cases"]],
+            cases=[case_from_json(c) for c in data["cases"]],
             derived=[Derived(**d) for d in data.get("derived", [])],
             schema=data["schema"],
             schema_version=data["schema_version"],
         )
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise ResultsFileError(f"{path}: malformed results file ({err})") from None
     return run, stored

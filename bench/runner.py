@@ -1,9 +1,10 @@
 """Run cases, each in its own worker process, timing the cases of a group interleaved.
 
 Per group: start a worker per case (it builds its model), take each one's untimed measurement
-(memory, FLOPs) one at a time, warm each up, then time round by round, A B C A B C ..., so drift
-of the machine spreads over all configs alike. A worker that fails, times out or dies is recorded
-as that case's error and the others go on; Ctrl-C keeps every sample already taken.
+(memory, FLOPs) one at a time, warm each up, then time round by round, A B C, B C A, C A B, ...,
+so drift of the machine spreads over all configs alike and no case always runs first
+(bench/sampling.py says how each round's samples are taken). A worker that fails, times out or
+dies is recorded as that case's error and the others go on; Ctrl-C keeps every sample taken.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import sampling
+from bench.mathmodes import DEFAULT as DEFAULT_MATH_MODES, MathModes
 from bench.results import CaseResult
-from bench.stats import summarize
+from bench.metrics import Metric, timing
 from bench.suite import Case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +36,8 @@ class WorkerError(RuntimeError):
 class Worker:
     """A `python -m bench.worker` process holding one built case."""
 
-    def __init__(self, case: Case, suite_module: str, device: str, threads: int | None) -> None:
+    def __init__(self, case: Case, suite_module: str, device: str, threads: int | None,
+                 math_modes: MathModes = DEFAULT_MATH_MODES, known_counts: dict | None = None) -> None:
         self.case = case
         self._stderr = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -41,12 +45,13 @@ class Worker:
             [sys.executable, "-m", "bench.worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env,
         )
-        start = {"case": dataclasses.asdict(case), "suite_module": suite_module, "device": device, "threads": threads}
+        start = {"case": dataclasses.asdict(case), "suite_module": suite_module, "device": device, "threads": threads,
+                 "math_modes": math_modes.to_dict(), "known_counts": known_counts}
         self._send(start)
         self._receive(case.timeout_s)
 
-    def request(self, command: str) -> dict:
-        self._send({"command": command})
+    def request(self, command: str, **options) -> dict:
+        self._send({"command": command, **options})
         return self._receive(self.case.timeout_s)
 
     def close(self) -> None:
@@ -105,8 +110,12 @@ def steps(case: Case) -> int:
 
 
 def run_cases(cases: list[Case], suite_modules: dict[str, str], device: str, threads: int | None = None,
-              hook: ProgressHook | None = None) -> tuple[list[CaseResult], bool]:
-    """All cases' results in their order, and whether the run was interrupted (Ctrl-C)."""
+              hook: ProgressHook | None = None, known_counts: dict[tuple[str, str], dict] | None = None,
+              on_group: Callable[[list[CaseResult]], None] = lambda results: None) -> tuple[list[CaseResult], bool]:
+    """All cases' results in their order, and whether the run was interrupted (Ctrl-C).
+
+    known_counts: (suite, case) -> a stored counts entry (bench/counts.py) the case may reuse;
+    on_group gets each group's results as soon as the group is done (bench/journal.py)."""
     hook = hook or ProgressHook()
     results: dict[tuple[str, str], CaseResult] = {}
     groups: dict[tuple[str, str], list[Case]] = defaultdict(list)
@@ -115,7 +124,8 @@ def run_cases(cases: list[Case], suite_modules: dict[str, str], device: str, thr
     interrupted = False
     try:
         for group in groups.values():
-            _GroupRun(group, suite_modules, device, threads, hook, results).run()
+            _GroupRun(group, suite_modules, device, threads, hook, results, known_counts or {}).run()
+            on_group([results[(c.suite, c.name)] for c in group])
     except KeyboardInterrupt:
         interrupted = True
     ordered = []
@@ -126,12 +136,15 @@ def run_cases(cases: list[Case], suite_modules: dict[str, str], device: str, thr
 
 
 class _GroupRun:
-    def __init__(self, group, suite_modules, device, threads, hook, results) -> None:
+    def __init__(self, group, suite_modules, device, threads, hook, results, known_counts) -> None:
         self.group, self.suite_modules, self.device, self.threads = group, suite_modules, device, threads
+        self.known_counts = known_counts
         self.hook, self.results = hook, results
         self.workers: dict[str, Worker] = {}
         self.measured: dict[str, dict] = {}
         self.samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.sampling = {c.name: sampling.for_device(device, c.kept_per_round) for c in group}
+        self.empty_cache = True
 
     def run(self) -> None:
         try:
@@ -140,9 +153,10 @@ class _GroupRun:
             for case in self._live():
                 self._step(case, "measuring memory and FLOPs", lambda c=case: self._measure(c))
             for case in self._live():
-                self._step(case, "warming up", lambda c=case: self.workers[c.name].request("warmup"))
+                self._step(case, "warming up", lambda c=case: self._warmup(c))
+            self._decide_cache_policy()
             for r in range(max(c.rounds for c in self.group)):
-                for case in self._live():
+                for case in sampling.rotated(self._live(), r):
                     if r < case.rounds:
                         self._step(case, f"timing round {r + 1}/{case.rounds}", lambda c=case: self._round(c))
             for case in self._live():
@@ -169,10 +183,12 @@ class _GroupRun:
         self.hook.advance()
 
     def _start(self, case: Case) -> None:
-        self.workers[case.name] = Worker(case, self.suite_modules[case.suite], self.device, self.threads)
+        self.workers[case.name] = Worker(case, self.suite_modules[case.suite], self.device, self.threads,
+                                         known_counts=self.known_counts.get((case.suite, case.name)))
 
     def _measure(self, case: Case) -> None:
         reply = self.workers[case.name].request("measure")
+        reply["metrics"] = {name: Metric.from_json(m) for name, m in reply["metrics"].items()}
         self.measured[case.name] = reply
         if reply["status"] == "skipped" or reply["error"]:
             status = "skipped" if reply["status"] == "skipped" else "error"
@@ -182,21 +198,35 @@ class _GroupRun:
             for _ in range(case.rounds + 1):  # its warm-up and rounds will not run
                 self.hook.advance()
 
+    def _decide_cache_policy(self) -> None:
+        """On CUDA: keep the workers' caches warm between rounds if they fit on the device together."""
+        if not self.device.startswith("cuda"):
+            self.empty_cache = False
+            return
+        live = self._live()
+        peaks = [int(self.measured[c.name].get("cuda_peak_reserved_bytes", 0)) for c in live]
+        total = max((int(self.measured[c.name].get("cuda_total_bytes", 0)) for c in live), default=0)
+        keep, why = sampling.cache_policy(peaks, total)
+        self.empty_cache = not keep
+        self.sampling = {name: dataclasses.replace(s, cuda_cache=why) for name, s in self.sampling.items()}
+
+    def _warmup(self, case: Case) -> None:
+        self.workers[case.name].request("warmup", empty_cache=self.empty_cache)
+
     def _round(self, case: Case) -> None:
-        for name, value in self.workers[case.name].request("round")["samples"].items():
-            self.samples[case.name][name].append(value)
+        how = self.sampling[case.name]
+        reply = self.workers[case.name].request("round", kept=how.kept_per_round, discarded=how.discarded_per_round,
+                                                empty_cache=self.empty_cache)
+        for name, values in reply["samples"].items():
+            self.samples[case.name][name].extend(values)
 
     def _finish(self, case: Case, status: str = "ok", error: str | None = None) -> None:
         measured = self.measured[case.name]
         metrics = dict(measured["metrics"])
-        samples = {name: list(values) for name, values in self.samples[case.name].items()}
-        for name, values in samples.items():
-            summary = summarize(values)
-            stem = name.removesuffix("_s")
-            metrics.update({f"{stem}_median_s": summary.median, f"{stem}_q1_s": summary.q1, f"{stem}_q3_s": summary.q3,
-                            f"{stem}_ci_low_s": summary.ci_low, f"{stem}_ci_high_s": summary.ci_high})
+        metrics.update({name: timing(list(values)) for name, values in self.samples[case.name].items()})
         self.results[(case.suite, case.name)] = CaseResult(
-            case.suite, case.name, case.params, status, error, metrics, samples, list(measured["notes"]))
+            case.suite, case.name, case.params, status, error, metrics, list(measured["notes"]),
+            sampling=self.sampling[case.name].to_dict())
 
     def _drop(self, name: str) -> None:
         worker = self.workers.pop(name, None)

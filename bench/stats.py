@@ -21,10 +21,6 @@ class Summary:
     ci_low: float
     ci_high: float
 
-    @property
-    def iqr(self) -> float:
-        return self.q3 - self.q1
-
 
 def quartiles(samples: Sequence[float]) -> tuple[float, float, float]:
     if len(samples) == 1:

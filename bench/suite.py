@@ -1,21 +1,20 @@
-"""What a suite gives the harness: cases to run, how to build each, and how to report them.
+"""The suite contract: what a suite gives the harness (``Suite``), checked when it is loaded, and
+the typed values that pass between a suite and the harness (cases, measurements, tables).
 
-A suite is a module (named in the registry the CLI reads, ``suites.SUITES``) with:
-
-* ``NAME``: str, and ``PROFILES``: dict of profile name -> a short description
-* ``default_profile(device) -> str``
-* ``cases(profile, device) -> list[Case]``
-* ``build(case, device) -> Workload`` (runs inside the case's own worker process)
-* ``derive(cases: list[CaseResult]) -> list[Derived]`` (ratios etc., from one run)
-* ``tables(run: RunResult) -> list[Table]`` and optionally ``figures(run, stem: Path) -> list[Path]``
+A suite is a module named in a registry (``suites.SUITES``). Its definitions and reports run in
+the runner's process; ``build(case, device)`` runs inside the case's own worker process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
+
+from bench.metrics import Metric
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,8 @@ class Case:
     name: str
     params: dict[str, Any]
     group: str = ""  # cases of one group are timed interleaved, round by round
-    rounds: int = 5  # timed rounds (one sample per timing per round)
+    rounds: int = 5  # timed rounds
+    kept_per_round: int = 1  # samples kept per round (bench/sampling.py; CUDA also discards one first)
     timeout_s: float = 1800.0  # for any single phase of this case
     memory_limit_bytes: int | None = None  # address-space cap for the worker (CPU cases)
 
@@ -33,7 +33,7 @@ class Case:
 class Measurement:
     """The untimed pass: deterministic figures (FLOPs, counted memory) and peaks, plus notes."""
 
-    metrics: dict[str, float]
+    metrics: dict[str, Metric]
     notes: list[str] = field(default_factory=list)
     status: str = "ok"  # or "skipped" (with the reason in notes): then no warm-up or timing
     error: str | None = None  # a check that failed; the case is recorded as an error
@@ -58,7 +58,61 @@ class Table:
     justify: list[str] = field(default_factory=list)  # per column; default: first left, the rest right
 
 
+class Suite(Protocol):
+    """What a suite module defines (names as module attributes; checked by ``check_suite``)."""
+
+    NAME: str
+    PROFILES: dict[str, Any]  # profile name -> a frozen dataclass of its settings
+    OPTIONS: dict[str, tuple[str, ...]]  # option -> allowed values, the first the default (--set KEY=VALUE)
+    COUNTS: dict[str, str]  # device-independent count metrics -> unit, reusable from bench/counts.py; may be empty
+
+    def default_profile(self, device: str) -> str: ...
+
+    def cases(self, profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]: ...
+
+    def build(self, case: Case, device: str) -> Workload: ...  # in the worker process
+
+    def derive(self, cases: list[Any]) -> list[Any]: ...  # CaseResults of one run -> Derived figures
+
+    def tables(self, run: Any) -> list[Table]: ...  # a RunResult, rendered from what it stores
+
+    def figures(self, run: Any, stem: Path) -> list[Path]: ...  # plots written beside the results; may be none
+
+
+_CALLABLES = ("default_profile", "cases", "build", "derive", "tables", "figures")
+
+
+def check_suite(module: ModuleType) -> ModuleType:
+    """The module, if it satisfies Suite; otherwise a ValueError naming every gap."""
+    gaps = [f"{name} (a function)" for name in _CALLABLES if not callable(getattr(module, name, None))]
+    if not isinstance(getattr(module, "NAME", None), str):
+        gaps.append("NAME (a str)")
+    profiles = getattr(module, "PROFILES", None)
+    if not isinstance(profiles, dict) or not profiles or not all(dataclasses.is_dataclass(p) for p in profiles.values()):
+        gaps.append("PROFILES (a non-empty dict of profile name -> dataclass)")
+    options = getattr(module, "OPTIONS", None)
+    if not isinstance(options, dict) or not all(isinstance(v, tuple) and v for v in options.values()):
+        gaps.append("OPTIONS (a dict of option -> non-empty tuple of values)")
+    if not isinstance(getattr(module, "COUNTS", None), dict):
+        gaps.append("COUNTS (a dict of metric -> unit; empty if none)")
+    if gaps:
+        raise ValueError(f"suite module {module.__name__} does not satisfy bench.suite.Suite: it lacks "
+                         + ", ".join(gaps))
+    return module
+
+
+def stored_profile(cls: type, params: dict, legacy: dict[str, Any]) -> Any:
+    """The profile (a dataclass of type cls) a case was measured with: the settings stored in its
+    params, or, for files written before settings were stored (schema 3 and older), the suite's
+    profile of that name as it was defined then (legacy)."""
+    stored = params.get("settings")
+    if stored is None:
+        return legacy[params["profile"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in names})
+
+
 def load_suite(registry: dict[str, str], name: str) -> ModuleType:
     if name not in registry:
         raise ValueError(f"unknown suite {name!r}; available: {', '.join(registry)}")
-    return importlib.import_module(registry[name])
+    return check_suite(importlib.import_module(registry[name]))

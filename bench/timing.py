@@ -26,7 +26,3 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     synchronize(device)
     return time.perf_counter() - start
 
-
-def time_calls(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
-    """Raw samples of repeated calls; summaries are computed elsewhere (bench.stats)."""
-    return [time_call(fn, device) for _ in range(repeats)]

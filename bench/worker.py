@@ -3,6 +3,10 @@
 The runner writes commands (``measure``, ``warmup``, ``round``, ``exit``) to stdin and reads one
 JSON reply per command from the original stdout; everything the case prints goes to stderr, so
 the protocol cannot be corrupted. An exception becomes an error reply, and the process exits.
+
+On CUDA the worker empties its caching allocator after ``measure`` (the next case is measured
+alone), and after ``warmup`` and ``round`` only when the runner says so (bench/sampling.py): a
+kept cache makes each timed step a steady-state step.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import traceback
 
 import torch
 
+from bench.mathmodes import MathModes
 from bench.suite import Case
 
 
@@ -35,35 +40,57 @@ def main() -> int:
 
         suite = importlib.import_module(start["suite_module"])
         workload = suite.build(case, start["device"])
+        if start.get("known_counts") and hasattr(workload, "reuse_counts"):
+            workload.reuse_counts(start["known_counts"])  # stored device-independent counts (bench/counts.py)
         reply(event="ready")
         for line in sys.stdin:
-            command = json.loads(line)["command"]
-            if command == "exit":
+            request = json.loads(line)
+            if request["command"] == "exit":
                 break
-            reply(event="done", **_run(workload, command, start["device"]))
+            reply(event="done", **_run(workload, request, start["device"]))
     except BaseException as err:  # reported to the runner: the suite goes on without this case
         reply(event="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
         return 1
     return 0
 
 
-def _run(workload, command: str, device: str) -> dict:
+def _run(workload, request: dict, device: str) -> dict:
+    command, cuda = request["command"], device.startswith("cuda")
     if command == "measure":
-        result = dataclasses.asdict(workload.measure())
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        measured = workload.measure()
+        result = {**dataclasses.asdict(measured), "metrics": {k: m.to_json() for k, m in measured.metrics.items()}}
+        if cuda:  # what the runner's cache policy needs: this worker's peak and the device's size
+            result["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            result["cuda_total_bytes"] = torch.cuda.mem_get_info()[1]
+            torch.cuda.empty_cache()  # the next case is measured with the device to itself
     elif command == "warmup":
         workload.warmup()
         result = {}
     elif command == "round":
-        result = {"samples": workload.timed_round()}
+        result = {"samples": timed_calls(workload, request.get("kept", 1), request.get("discarded", 0))}
     else:
         raise ValueError(f"unknown worker command {command!r}")
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()  # idle workers of the group must not sit on cached memory
+    if cuda and request.get("empty_cache"):
+        torch.cuda.empty_cache()  # the group's workers do not fit together with warm caches
     return result
+
+
+def timed_calls(workload, kept: int, discarded: int) -> dict[str, list[float]]:
+    """kept + discarded calls of timed_round, the first `discarded` dropped: name -> kept samples."""
+    samples: dict[str, list[float]] = {}
+    for i in range(discarded + kept):
+        for name, value in workload.timed_round().items():
+            if i >= discarded:
+                samples.setdefault(name, []).append(value)
+    return samples
 
 
 def _apply_limits(case: Case, start: dict) -> None:
     torch.manual_seed(0)
+    if start.get("math_modes") and start["device"].startswith("cuda"):
+        MathModes(**start["math_modes"]).apply()
     if start.get("threads"):
         torch.set_num_threads(int(start["threads"]))
     if case.memory_limit_bytes:

@@ -362,6 +362,12 @@ class CrossIterationBatchNorm2d(nn.Module):
             setattr(self, name, None if stored is None else torch.empty_like(stored, device=device))
         extra_key = prefix + "_extra_state"
         from_batchnorm = extra_key not in state_dict  # a BatchNorm2d (or pre-versioning) state
+        version = local_metadata.get("version")  # the _version of the layer that saved it
+        if not from_batchnorm and version is not None and version > self._version:
+            error_msgs.append(f"{prefix or 'layer'}: saved by a newer CrossIterationBatchNorm2d (state version {version}; "
+                              f"this one reads up to {self._version}): upgrade cbn to load it")
+            return
+        # Versions up to _version need no conversion yet; a future format change converts here.
         if from_batchnorm:
             self._iteration = -1
             self._slot_iterations = [-1] * (self.window - 1)

@@ -34,9 +34,17 @@ def _(input, grad_output, weight_shape, stride, padding, dilation, groups):
     return input.new_empty(weight_shape)
 
 
+def conv_weight_grad_macs(grad_output_shape, weight_shape) -> int:
+    """Multiply-adds: every weight entry accumulates over the N*H'*W' output positions of its channel.
+
+    The one formula for this op: FlopCounterMode's (below, 2 flops per multiply-add) and fvcore's
+    handle (bench/flops.py, 1 per multiply-add) both call it."""
+    return math.prod(grad_output_shape) * math.prod(weight_shape[1:])
+
+
 def conv_weight_grad_flops(grad_output_shape, weight_shape) -> int:
-    """Flops (2 per multiply-add): every weight entry accumulates over N*H'*W' output positions."""
-    return 2 * math.prod(grad_output_shape) * math.prod(weight_shape[1:])
+    """Flops, 2 per multiply-add."""
+    return 2 * conv_weight_grad_macs(grad_output_shape, weight_shape)
 
 
 @register_flop_formula(torch.ops.cbn.conv_weight_grad)

@@ -1,7 +1,8 @@
 """Benchmark definitions: detection models, synthetic data and the suites built on them.
 
-``SUITES`` is the registry the harness reads (``python -m bench [SUITE ...]``);
-``MICRO_BENCHMARKS`` is the pytest-benchmark file ``python -m bench micro`` runs.
+``SUITES`` is the registry of harness suites (``python -m bench [SUITE ...]``), each a module that
+satisfies ``bench.suite.Suite``; ``PYTEST_SUITES`` names the pytest-benchmark files that
+``python -m bench micro`` runs (bench/pytest_suites.py reads their JSON as ordinary runs).
 """
 
 from pathlib import Path
@@ -10,4 +11,6 @@ SUITES = {
     "table6": "suites.table6",
     "gradpath": "suites.gradpath",
 }
-MICRO_BENCHMARKS = Path(__file__).with_name("micro.py")
+PYTEST_SUITES = {
+    "micro": Path(__file__).with_name("micro.py"),
+}

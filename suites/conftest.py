@@ -52,5 +52,6 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "schema_version": MICRO_SCHEMA_VERSION,
         "device": device,
         "profile": device,  # suites/micro.py's SHAPES are per device type
+        "timer": str(config.getoption("benchmark_timer", None) or "time.perf_counter"),
         "environment": dataclasses.asdict(dataclasses.replace(env.capture(device), command=_command())),
     }

@@ -8,6 +8,7 @@ records the largest difference, so every run checks that the two paths agree.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -17,16 +18,17 @@ import torch
 from torch import nn
 
 from bench import memory, report
+from bench.metrics import Metric, count, peak
 from bench.results import CaseResult, Derived, RunResult, write_atomic
 from bench.stats import loglog_slope, ratio_of_medians
-from bench.suite import Case, Measurement, Table
+from bench.suite import Case, Measurement, Table, stored_profile
 from bench.timing import synchronize, time_call
 from cbn.statgrad import GRAD_PATHS, ConvGeometry
+from suites.constants import AGREEMENT_TOLERANCE, CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE
 
 NAME = "gradpath"
 PATHS = ("efficient", "naive")
 KERNELS = (3, 1)
-AGREEMENT_TOLERANCE = 1e-3  # relative, float32
 SLOPE_POINTS = 3
 BLOCK_S = 0.2
 
@@ -38,17 +40,25 @@ class Profile:
     height_px: int
     width_px: int
     rounds: int
-    naive_budget_bytes: int | None  # None: a share of the GPU's memory
+    naive_budget_bytes: int | None  # None: CUDA_NAIVE_BUDGET_SHARE of the GPU's memory
 
 
 PROFILES = {
-    # stride-8 level of an 800x1216 image, 2 images per device
+    # stride-8 level of an 800x1216 image, 2 images per device; 16 workers, about 2 minutes on one H100
+    "paper": Profile((64, 128, 256, 512), 2, 100, 152, rounds=5, naive_budget_bytes=None),
+    "cpu": Profile((16, 32, 64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=CPU_NAIVE_BUDGET_BYTES),
+    "quick": Profile((64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=CPU_NAIVE_BUDGET_BYTES),  # the CI gate's
+    "smoke": Profile((8, 16), 1, 8, 12, rounds=2, naive_budget_bytes=1 << 30),
+}
+# The profiles while results files stored only a profile's name (up to commit 697dbca); do not edit.
+LEGACY_PROFILES = {
     "paper": Profile((16, 32, 64, 128, 256, 512), 2, 100, 152, rounds=10, naive_budget_bytes=None),
     "cpu": Profile((16, 32, 64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=8 << 30),
-    "quick": Profile((64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=8 << 30),  # the CI gate's
+    "quick": Profile((64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=8 << 30),
     "smoke": Profile((8, 16), 1, 8, 12, rounds=2, naive_budget_bytes=1 << 30),
 }
 OPTIONS: dict[str, tuple[str, ...]] = {}
+COUNTS: dict[str, str] = {}  # nothing to reuse: its counts take no time
 
 
 def default_profile(device: str) -> str:
@@ -58,10 +68,21 @@ def default_profile(device: str) -> str:
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
     p = PROFILES[profile]
     return [
-        Case(NAME, f"{path}-{k}x{k}-C{c}", {"profile": profile, "path": path, "kernel": k, "channels": c},
+        Case(NAME, f"{path}-{k}x{k}-C{c}",
+             {"profile": profile, "settings": settings(p), "path": path, "kernel": k, "channels": c},
              group=f"{k}x{k}-C{c}", rounds=p.rounds, timeout_s=600)
         for k in KERNELS for c in p.channels for path in PATHS
     ]
+
+
+def settings(p: Profile) -> dict:
+    """What a case is measured with, stored in its params so results render without today's PROFILES."""
+    return {**dataclasses.asdict(p), "channels": list(p.channels), "block_s": BLOCK_S,
+            "agreement_tolerance": AGREEMENT_TOLERANCE}
+
+
+def profile_of(params: dict) -> Profile:
+    return stored_profile(Profile, params, LEGACY_PROFILES)
 
 
 def naive_bytes_estimate(c: int, kernel: int, batch: int, height: int, width: int) -> int:
@@ -73,7 +94,7 @@ def naive_bytes_estimate(c: int, kernel: int, batch: int, height: int, width: in
 
 class StatGradWorkload:
     def __init__(self, params: dict, device: str) -> None:
-        p = PROFILES[params["profile"]]
+        p = profile_of(params)
         self.device = torch.device(device)
         self.params, self.profile = params, p
         c, k = params["channels"], params["kernel"]
@@ -101,36 +122,36 @@ class StatGradWorkload:
     def measure(self) -> Measurement:
         p, c, k = self.profile, self.params["channels"], self.params["kernel"]
         if self.params["path"] == "naive":
-            budget = p.naive_budget_bytes or int(0.6 * torch.cuda.get_device_properties(self.device).total_memory)
+            budget = p.naive_budget_bytes or int(CUDA_NAIVE_BUDGET_SHARE * torch.cuda.get_device_properties(self.device).total_memory)
             need = naive_bytes_estimate(c, k, p.batch, p.height_px, p.width_px)
             if need > budget:
                 reason = (f"skipped: the dense path needs about {report.fmt_bytes(need)}, over the "
                           f"{report.fmt_bytes(budget)} budget")
-                return Measurement({"estimated_bytes": need}, [reason], status="skipped")
+                return Measurement({"estimated_bytes": count(need, "byte")}, [reason], status="skipped")
         metrics, result = self._peak_memory()
-        metrics["stored_bytes_per_step"] = self.stored_bytes + 4 * c * 4  # + mean, var and two offsets
+        metrics["stored_bytes_per_step"] = count(self.stored_bytes + 4 * c * 4, "byte")  # + mean, var and two offsets
         error = None
         if self.params["path"] == "naive":
             reference = self.work(GRAD_PATHS["efficient"])
             diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(result, reference))
-            metrics["max_relative_difference_to_efficient"] = diff
+            metrics["max_relative_difference_to_efficient"] = count(diff, "1")
             if diff > AGREEMENT_TOLERANCE:
                 error = f"naive and efficient paths disagree: max relative difference {diff:.2e}"
         return Measurement(metrics, error=error)
 
-    def _peak_memory(self) -> tuple[dict[str, float], tuple]:
+    def _peak_memory(self) -> tuple[dict[str, Metric], tuple]:
         if self.device.type == "cuda":
             synchronize(self.device)
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             result = self.work()
             synchronize(self.device)
-            return {"peak_extra_bytes": torch.cuda.max_memory_allocated(self.device) - base}, result
+            return {"peak_extra_bytes": peak(torch.cuda.max_memory_allocated(self.device) - base)}, result
         base = memory.peak_rss_bytes()
         result = self.work()
         # The peak RSS is a high-water mark: its growth is this call's extra peak, when it exceeds
         # the footprint before; small calls show 0 (they fit in memory the process already had).
-        return {"peak_rss_growth_bytes": memory.peak_rss_bytes() - base}, result
+        return {"peak_rss_growth_bytes": peak(memory.peak_rss_bytes() - base)}, result
 
     def warmup(self) -> None:
         # Calls of a millisecond are timed in blocks of at least BLOCK_S, so that one sample is
@@ -140,7 +161,7 @@ class StatGradWorkload:
 
     def timed_round(self) -> dict[str, float]:
         block = time_call(lambda: [self.work() for _ in range(self.calls_per_sample)], self.device)
-        return {"stat_grad_s": block / self.calls_per_sample}
+        return {"stat_grad_time": block / self.calls_per_sample}
 
 
 def build(case: Case, device: str) -> StatGradWorkload:
@@ -153,7 +174,8 @@ def _ok(case_results: list[CaseResult]) -> dict[tuple[str, int, int], CaseResult
 
 
 def _peak(case: CaseResult) -> float:
-    return case.metrics.get("peak_extra_bytes", case.metrics.get("peak_rss_growth_bytes", 0.0))
+    m = case.metrics
+    return (m["peak_extra_bytes"] if "peak_extra_bytes" in m else m["peak_rss_growth_bytes"]).value
 
 
 def derive(case_results: list[CaseResult]) -> list[Derived]:
@@ -163,19 +185,19 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
         if path != "naive" or ("efficient", k, c) not in ok:
             continue
         eff = ok[("efficient", k, c)]
-        r = ratio_of_medians(case.samples["stat_grad_s"], eff.samples["stat_grad_s"])
-        out.append(Derived(NAME, f"speedup {k}x{k} C={c}", r.median, r.ci_low, r.ci_high, timing=True))
+        r = ratio_of_medians(case.metrics["stat_grad_time"].samples, eff.metrics["stat_grad_time"].samples)
+        out.append(Derived(NAME, f"speedup {k}x{k} C={c}", r.median, r.ci_low, r.ci_high, kind="timing"))
         out.append(Derived(NAME, f"stored memory ratio {k}x{k} C={c}",
-                           case.metrics["stored_bytes_per_step"] / eff.metrics["stored_bytes_per_step"]))
+                           case.metrics["stored_bytes_per_step"].value / eff.metrics["stored_bytes_per_step"].value))
     for path in PATHS:
         for k in KERNELS:
-            points = sorted((c, case.metrics["stat_grad_median_s"]) for (p, kk, c), case in ok.items() if p == path and kk == k)
+            points = sorted((c, case.metrics["stat_grad_time"].value) for (p, kk, c), case in ok.items() if p == path and kk == k)
             # The three largest C: below them fixed per-call costs flatten the curve, hiding the power law.
             points = points[-SLOPE_POINTS:]
             if len(points) >= 2:
                 slope = loglog_slope([c for c, _ in points], [t for _, t in points])
                 out.append(Derived(NAME, f"time slope in C, {path} {k}x{k}", slope,
-                                   note=f"fitted over C={points[0][0]}..{points[-1][0]}", timing=True))
+                                   note=f"fitted over C={points[0][0]}..{points[-1][0]}", kind="timing"))
     return out
 
 
@@ -184,7 +206,7 @@ def tables(run: RunResult) -> list[Table]:
     if not cases_here:
         return []
     derived = run.derived_of(NAME)
-    p = PROFILES[run.profile]
+    p = profile_of(cases_here[0].params)
     rows = []
     for case in cases_here:
         k, c, path = case.params["kernel"], case.params["channels"], case.params["path"]
@@ -193,8 +215,8 @@ def tables(run: RunResult) -> list[Table]:
             rows.append([f"{k}x{k}", str(c), path, case.status, why[:70], "", ""])
             continue
         speed = derived.get(f"speedup {k}x{k} C={c}") if path == "naive" else None
-        rows.append([f"{k}x{k}", str(c), path, f"{1e3 * case.metrics['stat_grad_median_s']:.3g}",
-                     report.fmt_bytes(case.metrics["stored_bytes_per_step"]), report.fmt_bytes(_peak(case)),
+        rows.append([f"{k}x{k}", str(c), path, f"{1e3 * case.metrics['stat_grad_time'].value:.3g}",
+                     report.fmt_bytes(case.metrics["stored_bytes_per_step"].value), report.fmt_bytes(_peak(case)),
                      "" if speed is None else report.fmt_ratio(speed.value, speed.ci_low, speed.ci_high)])
     slopes = [f"{name.removeprefix('time slope in C, ')}: {d.value:.2f} ({d.note})" for name, d in derived.items()
               if name.startswith("time slope")]
@@ -225,8 +247,8 @@ def figures(run: RunResult, stem: Path) -> list[Path]:
                 continue
             cs = [c for c, _ in points]
             style = dict(marker="o" if path == "efficient" else "s", linestyle="-" if k == 3 else "--", label=f"{path} {k}x{k}")
-            ax_time.plot(cs, [1e3 * case.metrics["stat_grad_median_s"] for _, case in points], **style)
-            ax_mem.plot(cs, [case.metrics["stored_bytes_per_step"] for _, case in points], **style)
+            ax_time.plot(cs, [1e3 * case.metrics["stat_grad_time"].value for _, case in points], **style)
+            ax_mem.plot(cs, [case.metrics["stored_bytes_per_step"].value for _, case in points], **style)
     for ax, label in ((ax_time, "time per step (ms)"), (ax_mem, "stored per past step (bytes)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

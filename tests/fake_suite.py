@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from bench.metrics import count
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table
 
 NAME = "fake"
-PROFILES = {"smoke": "tiny"}
+@dataclass(frozen=True)
+class Profile:
+    size: str
+
+
+PROFILES = {"smoke": Profile("tiny")}
 OPTIONS: dict = {}
+COUNTS: dict = {}
 
 
 def default_profile(device: str) -> str:
@@ -33,14 +41,14 @@ class Workload:
         behaviour = self.params.get("behaviour")
         if behaviour == "oom":
             hog = bytearray(8 << 30)  # over the case's memory limit: MemoryError
-            return Measurement({"bytes": len(hog)})
+            return Measurement({"bytes": count(len(hog), "byte")})
         if behaviour == "crash":
             os._exit(3)
         if behaviour == "skip":
             return Measurement({}, ["not applicable here"], status="skipped")
         if behaviour == "check_fails":
-            return Measurement({"difference": 1.0}, error="paths disagree")
-        return Measurement({"answer_flops": 42.0}, ["measured"])
+            return Measurement({"difference": count(1.0, "1")}, error="paths disagree")
+        return Measurement({"answer_flops": count(42.0, "flop")}, ["measured"])
 
     def warmup(self) -> None:
         pass
@@ -50,7 +58,7 @@ class Workload:
             f.write(self.params["label"] + "\n")
         if self.params.get("behaviour") == "hang":
             time.sleep(60)
-        return {"work_s": 0.001 * (1 + len(self.params["label"]))}
+        return {"work_time": 0.001 * (1 + len(self.params["label"]))}
 
 
 def build(case: Case, device: str) -> Workload:
@@ -63,3 +71,7 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
 
 def tables(run: RunResult) -> list[Table]:
     return [Table("fake", ["case", "status"], [[c.case, c.status] for c in run.cases])]
+
+
+def figures(run: RunResult, stem: Path) -> list[Path]:
+    return []

@@ -53,10 +53,15 @@ def test_smoke_run_of_both_suites_writes_results_and_compares(tmp_path):
     assert {c.status for c in run.cases} == {"ok"}
     assert "Table 6, profile smoke" in first.stdout and "Statistic-gradient paths" in first.stdout
     assert "results written to" in first.stdout
-    cbn_case = run.case("table6", "cbn")
-    assert cbn_case.metrics["train_step_flops"] > run.case("table6", "bn").metrics["train_step_flops"]
-    assert cbn_case.metrics["inference_forward_macs"] == run.case("table6", "bn").metrics["inference_forward_macs"]
-    assert run.case("gradpath", "naive-3x3-C16").metrics["max_relative_difference_to_efficient"] < 1e-3
+    case = {(c.suite, c.case): c.metrics for c in run.cases}
+    cbn, bn = case[("table6", "cbn")], case[("table6", "bn")]
+    assert cbn["train_step_flops"].value > bn["train_step_flops"].value
+    assert cbn["inference_forward_macs"].value == bn["inference_forward_macs"].value
+    assert case[("gradpath", "naive-3x3-C16")]["max_relative_difference_to_efficient"].value < 1e-3
+    assert {(m.kind, m.unit) for m in (cbn["train_step_flops"], cbn["counted_total_bytes"], cbn["peak_rss_bytes"])} == {
+        ("count", "flop"), ("count", "byte"), ("peak", "byte")}
+    assert len(cbn["train_step_time"].samples) == 1 and cbn["train_step_time"].kind == "timing"
+    assert not list(tmp_path.glob(".*.journal.jsonl"))  # folded into the results file, then removed
 
     shown = bench("show", str(json_path))
     assert shown.returncode == 0 and "Table 6, profile smoke" in shown.stdout
@@ -74,6 +79,22 @@ def test_smoke_run_of_both_suites_writes_results_and_compares(tmp_path):
                  "--out", str(tmp_path / "gate"))
     assert gate.returncode == 0, gate.stdout[-3000:] + gate.stderr[-3000:]
     assert "gate passed" in gate.stdout and "gradpath.naive-3x3-C16.stored_bytes_per_step" in gate.stdout
+
+
+def test_an_unwritable_output_folder_is_refused_before_measuring(tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert cli.main(["gradpath", "--profile", "smoke", "--out", str(blocked / "runs")]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"cannot write results to {blocked / 'runs'}" in out and "--out" in out
+    assert "building" not in out  # nothing was measured
+
+
+def test_a_comparison_file_of_another_profile_is_refused_before_measuring(capsys):
+    quick = ROOT / "results" / "baselines" / "cpu" / "quick.json"
+    assert cli.main(["gradpath", "--profile", "smoke", "--device", "cpu", "--compare", str(quick)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--compare: the previous run is profile 'quick'" in out and "building" not in out
 
 
 def test_gate_usage_errors_exit_2(capsys):

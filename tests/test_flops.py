@@ -60,8 +60,16 @@ def test_training_step_counts_include_cbn_and_repeat():
     assert extra < 2 * (GRAD_SQ_MACS + GRAD_MEAN_MACS) * 1.05
 
 
-def test_fvcore_forward_flops_reports_what_it_skipped():
+def test_fvcore_forward_flops_counts_the_conv_and_its_norm():
     net, x, step = conv_cbn()
     macs, skipped = fvcore_forward_flops(net.eval(), (x,))
     assert macs == CONV_MACS + 2 * (2 * 6 * 8 * 8)  # fvcore: inference batch norm with affine, 2 per element
-    assert isinstance(skipped, dict)
+    assert skipped == {}
+
+
+def test_fvcore_forward_flops_reports_what_it_skipped():
+    net, x, step = conv_cbn()
+    gated = torch.nn.Sequential(net.eval(), torch.nn.Sigmoid())  # fvcore has no handle for sigmoid
+    macs, skipped = fvcore_forward_flops(gated, (x,))
+    assert macs == CONV_MACS + 2 * (2 * 6 * 8 * 8)
+    assert skipped == {"aten::sigmoid": 1}

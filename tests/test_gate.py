@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, micro, regression, sources, thresholds
-from bench.sources import Metric, Source
+from bench import cli, pytest_suites
+from bench.gate import commands, sources, verdicts
+from bench.gate import rules as thresholds
+from bench.gate.sources import Metric, Source
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "results" / "baselines" / "cpu" / "quick.json"
 MICRO_BASELINE = ROOT / "results" / "baselines" / "cpu" / "micro.json"
+GPU_BASELINE = ROOT / "results" / "baselines" / "nvidia-h100-80gb-hbm3" / "paper.json"
+GPU_MICRO_BASELINE = ROOT / "results" / "baselines" / "nvidia-h100-80gb-hbm3" / "micro.json"
+V2_QUICK_RUN = sorted((ROOT / "results" / "calibration" / "cpu").glob("*_quick_*.json"))[0]
 THRESHOLDS = ROOT / "results" / "thresholds.toml"
 
 
@@ -40,6 +45,14 @@ def derived(data: dict, suite: str, name: str) -> dict:
     return next(d for d in data["derived"] if d["suite"] == suite and d["name"] == name)
 
 
+def scale(data: dict, suite: str, name: str, metric: str, factor: float) -> None:
+    metrics = case(data, suite, name)["metrics"]
+    if isinstance(metrics[metric], dict):
+        metrics[metric]["value"] *= factor
+    else:  # schema 3 and older (the first H100 files) stored bare numbers
+        metrics[metric] *= factor
+
+
 def scale_micro(data: dict, group: str, norm: str, factor: float) -> None:
     bench = next(b for b in data["benchmarks"] if b["group"] == group and b["extra_info"]["norm"] == norm)
     bench["stats"]["data"] = [t * factor for t in bench["stats"]["data"]]
@@ -53,16 +66,14 @@ def test_the_baselines_pass_against_themselves_with_every_rule_matched(capsys):
 
 
 @pytest.mark.parametrize("metric, edit", [
-    ("table6.cbn.train_step_flops", lambda d: case(d, "table6", "cbn")["metrics"].update(
-        train_step_flops=1.2 * case(d, "table6", "cbn")["metrics"]["train_step_flops"])),
-    ("table6.cbn.cbn_history_bytes", lambda d: case(d, "table6", "cbn")["metrics"].update(
-        cbn_history_bytes=3 * case(d, "table6", "cbn")["metrics"]["cbn_history_bytes"])),
+    ("table6.cbn.train_step_flops", lambda d: scale(d, "table6", "cbn", "train_step_flops", 1.2)),
+    ("table6.cbn.cbn_history_bytes", lambda d: scale(d, "table6", "cbn", "cbn_history_bytes", 3)),
     ("table6.cbn/bn train iter/s ratio", lambda d: derived(d, "table6", "cbn/bn train iter/s ratio").update(
         value=0.75 * derived(d, "table6", "cbn/bn train iter/s ratio")["value"])),
     ("gradpath.speedup 3x3 C=256", lambda d: derived(d, "gradpath", "speedup 3x3 C=256").update(
         value=derived(d, "gradpath", "speedup 3x3 C=256")["value"] / 3)),
-    ("gradpath.efficient-3x3-C256.stored_bytes_per_step", lambda d: case(d, "gradpath", "efficient-3x3-C256")[
-        "metrics"].update(stored_bytes_per_step=2 * case(d, "gradpath", "efficient-3x3-C256")["metrics"]["stored_bytes_per_step"])),
+    ("gradpath.efficient-3x3-C256.stored_bytes_per_step",
+     lambda d: scale(d, "gradpath", "efficient-3x3-C256", "stored_bytes_per_step", 2)),
 ])
 def test_an_injected_regression_fails_with_the_metric_named(tmp_path, capsys, metric, edit):
     code, out = run_gate(capsys, edited(tmp_path, BASELINE, edit), MICRO_BASELINE)
@@ -91,7 +102,7 @@ def test_improvements_pass(tmp_path, capsys):
 def test_a_failed_case_lists_its_metrics_as_missing(tmp_path, capsys):
     def crash(d):
         c = case(d, "table6", "cbn")
-        c.update(status="error", error="RuntimeError: out of memory", metrics={}, samples={})
+        c.update(status="error", error="RuntimeError: out of memory", metrics={})
         d["derived"] = [x for x in d["derived"] if not x["name"].startswith("cbn/")]
 
     code, out = run_gate(capsys, edited(tmp_path, BASELINE, crash), MICRO_BASELINE)
@@ -104,11 +115,12 @@ def test_a_failed_case_lists_its_metrics_as_missing(tmp_path, capsys):
     (lambda d: d.update(profile="cpu"), "the baseline {b} is profile 'quick', the current {c} is 'cpu'"),
     (lambda d: d.update(device="cuda", environment=dict(d["environment"], device_name="NVIDIA H100 80GB HBM3")),
      "is device class 'cpu', the current {c} is 'nvidia-h100-80gb-hbm3'"),
-    (lambda d: [x.pop("timing") for x in d["derived"]] and d.update(schema_version=1),
-     "is schema 'cbn-bench/results v2', the current {c} is 'cbn-bench/results v1'"),
+    (None, "is schema 'cbn-bench/results v4', the current {c} is 'cbn-bench/results v2'"),
+    (lambda d: [c["params"]["settings"].update(rounds=99) for c in d["cases"] if c["suite"] == "table6"],
+     "table6 in the baseline {b} was measured with other settings than in {c}"),
 ])
 def test_unlike_comparisons_are_refused_with_exit_2(tmp_path, capsys, edit, message):
-    current = edited(tmp_path, BASELINE, edit)
+    current = V2_QUICK_RUN if edit is None else edited(tmp_path, BASELINE, edit)
     code, out = run_gate(capsys, current, MICRO_BASELINE)
     assert code == 2
     assert "refusing to compare" in out
@@ -142,7 +154,7 @@ def test_a_rule_that_matches_nothing_is_listed_as_missing(tmp_path, capsys):
 
 def test_a_metric_new_since_the_baseline_is_listed_but_passes(tmp_path, capsys):
     def add(d):
-        case(d, "table6", "cbn")["metrics"]["extra_flops"] = 1.0
+        case(d, "table6", "cbn")["metrics"]["extra_flops"] = {"value": 1.0, "kind": "count", "unit": "flop"}
 
     rules = tmp_path / "thresholds.toml"
     rules.write_text('[table6]\n"*.extra_flops" = "== baseline"\n"*.train_step_flops" = "== baseline"\n')
@@ -152,7 +164,7 @@ def test_a_metric_new_since_the_baseline_is_listed_but_passes(tmp_path, capsys):
 
 
 def test_no_baseline_for_this_device_class_is_a_usage_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(regression, "BASELINES", tmp_path)
+    monkeypatch.setattr(commands, "BASELINES", tmp_path)
     code = cli.main(["gate", "--results", str(BASELINE), "--thresholds", str(THRESHOLDS)])
     assert code == 2
     assert "no baseline for profile 'quick' for device class 'cpu'" in " ".join(capsys.readouterr().out.split())
@@ -160,7 +172,7 @@ def test_no_baseline_for_this_device_class_is_a_usage_error(tmp_path, capsys, mo
 
 # ---------------------------------------------------------------------- re-measuring timing rules
 def source(metrics: dict[str, Metric], suite: str = "table6") -> Source:
-    return Source(f"{suite}.json", "cbn-bench/results v2", "cpu", "quick", (suite,), metrics)
+    return Source(f"{suite}.json", "cbn-bench/results v4", "cpu", "cpu", "quick", (suite,), metrics)
 
 
 def rules_file(tmp_path: Path) -> Path:
@@ -179,8 +191,8 @@ def measured_gate(tmp_path, monkeypatch, capsys, measurements: list[dict[str, fl
         calls.append(list(names))
         return [source({"table6.flops": Metric(figures["flops"], False), "table6.ratio": Metric(figures["ratio"], True)})]
 
-    monkeypatch.setattr(regression, "measure", fake_measure)
-    monkeypatch.setattr(regression, "_baselines", lambda given, wanted: [baseline])
+    monkeypatch.setattr(commands, "measure", fake_measure)
+    monkeypatch.setattr(commands, "_baselines", lambda given, wanted: [baseline])
     code = cli.main(["gate", "table6", "--thresholds", str(rules_file(tmp_path)), "--device", "cpu"])
     return code, " ".join(capsys.readouterr().out.split()), calls
 
@@ -207,9 +219,9 @@ def test_a_deterministic_failure_is_never_re_measured(tmp_path, monkeypatch, cap
 
 # ---------------------------------------------------------------------- sources
 def test_micro_ratios_are_minimum_times_over_the_groups_reference():
-    run = micro.load(MICRO_BASELINE)
-    fastest = {(b.group, b.norm): min(b.samples_s) for b in run.benchmarks}
-    src = sources.from_micro(run)
+    run = pytest_suites.load(MICRO_BASELINE)
+    fastest = {(c.params["group"], c.params["norm"]): min(c.metrics["time"].samples) for c in run.cases}
+    src = sources.load_source(MICRO_BASELINE)
     value = src.metrics["micro.forward+backward.cbn/bn time ratio"].value
     assert value == fastest[("forward+backward", "cbn")] / fastest[("forward+backward", "bn")]
     assert "micro.forward.bn/bn time ratio" not in src.metrics
@@ -218,11 +230,12 @@ def test_micro_ratios_are_minimum_times_over_the_groups_reference():
 
 def test_results_sources_mark_timing_metrics():
     src = sources.load_source(BASELINE)
-    assert src.metrics["table6.cbn.train_step_median_s"].timing
+    assert src.metrics["table6.cbn.train_step_time"].timing
     assert src.metrics["table6.cbn/bn train iter/s ratio"].timing
     assert not src.metrics["table6.cbn.train_step_flops"].timing
     assert not src.metrics["table6.cbn/bn train_step_flops ratio"].timing
-    assert (src.device_class, src.profile, src.schema) == ("cpu", "quick", "cbn-bench/results v2")
+    assert not src.metrics["table6.cbn.peak_rss_bytes"].timing
+    assert (src.device, src.device_class, src.profile, src.schema) == ("cpu", "cpu", "quick", "cbn-bench/results v4")
 
 
 def test_a_foreign_file_is_refused(tmp_path, capsys):
@@ -232,10 +245,16 @@ def test_a_foreign_file_is_refused(tmp_path, capsys):
     assert code == 2 and "neither a cbn-bench results file nor a micro-benchmark file" in out
 
 
-def test_every_rule_in_the_committed_file_names_real_metrics():
+def test_every_rule_in_the_committed_file_names_real_metrics_of_its_devices():
     rules = thresholds.load(THRESHOLDS)
-    names = set(sources.load_source(BASELINE).metrics) | set(sources.load_source(MICRO_BASELINE).metrics)
-    unmatched = [r.pattern for r in rules if not any(r.matches(n) for n in names)]
+    names = {"cpu": set(), "cuda": set()}
+    for path in (BASELINE, MICRO_BASELINE, GPU_BASELINE, GPU_MICRO_BASELINE):
+        src = sources.load_source(path)
+        names[src.device] |= set(src.metrics)
+    suites = {device: {name.split(".")[0] for name in found} for device, found in names.items()}
+    assert suites["cpu"] == {r.suite for r in rules}  # every suite's rules are checked on some device
+    unmatched = [f"{r.pattern} on {device}" for r in rules for device in names
+                 if r.applies_on(device) and r.suite in suites[device] and not any(r.matches(n) for n in names[device])]
     assert unmatched == []
 
 
@@ -253,11 +272,58 @@ def test_spread_reports_the_widest_pairwise_drift_of_timing_metrics(tmp_path, ca
 def test_measuring_the_micro_suite_reads_the_file_it_ran(tmp_path, monkeypatch):
     ran = []
 
-    def fake_run(device, out, threads):
-        ran.append((device, out, threads))
-        return micro.load(MICRO_BASELINE)
+    def fake_run(suite, device, out, threads):
+        ran.append((suite, device, out, threads))
+        return pytest_suites.load(MICRO_BASELINE), MICRO_BASELINE
 
-    monkeypatch.setattr(micro, "run", fake_run)
-    (found,) = regression.measure(["micro"], "quick", "cpu", 2, tmp_path)
-    assert ran == [("cpu", tmp_path, 2)]
+    monkeypatch.setattr(pytest_suites, "run", fake_run)
+    (found,) = commands.measure(["micro"], "quick", "cpu", 2, tmp_path)
+    assert ran == [("micro", "cpu", tmp_path, 2)]
     assert found.path == str(MICRO_BASELINE) and found.suites == ("micro",)
+
+
+# ---------------------------------------------------------------------- devices
+def test_a_cuda_run_passes_against_itself_as_its_gpu_baseline(capsys):
+    code, out = run_gate(capsys, GPU_BASELINE, GPU_MICRO_BASELINE, baseline=(GPU_BASELINE, GPU_MICRO_BASELINE))
+    assert code == 0, out
+    assert "0 fail, 0 missing" in out
+    assert "table6.*.counted_total_bytes (line" in out and "on cpu" in out  # CPU-only rules: not checked here
+
+
+def test_an_injected_regression_in_a_cuda_run_fails_with_the_metric_named(tmp_path, capsys):
+    bigger = edited(tmp_path, GPU_BASELINE, lambda d: scale(d, "table6", "cbn", "peak_allocated_bytes", 1.1))
+    code, out = run_gate(capsys, bigger, GPU_MICRO_BASELINE, baseline=(GPU_BASELINE, GPU_MICRO_BASELINE))
+    assert code == 1
+    assert out.rstrip().endswith("table6.cbn.peak_allocated_bytes")
+
+
+def test_a_metric_its_device_produces_but_the_run_lacks_still_fails(tmp_path, capsys):
+    lost = edited(tmp_path, BASELINE, lambda d: case(d, "table6", "gn")["metrics"].pop("counted_total_bytes"))
+    code, out = run_gate(capsys, lost, MICRO_BASELINE)
+    assert code == 1
+    assert out.rstrip().endswith("table6.gn.counted_total_bytes")
+
+
+def test_a_rule_for_another_device_is_not_checked(tmp_path, capsys):
+    rules = tmp_path / "thresholds.toml"
+    rules.write_text('[table6]\n"*.peak_allocated_bytes" = { cuda = "== baseline" }\n"*.train_step_flops" = "== baseline"\n')
+    code, out = run_gate(capsys, BASELINE, rules=rules, baseline=(BASELINE,))
+    assert code == 0, out
+    assert "rules for metrics of other devices, not checked: table6.*.peak_allocated_bytes (line 2, on cuda)" in out
+
+
+def test_paths_that_disagree_fail_the_gate_saying_so(tmp_path, capsys):
+    def disagree(d):
+        c = case(d, "gradpath", "naive-3x3-C64")
+        c.update(status="error", error="naive and efficient paths disagree: max relative difference 2.00e-02")
+        d["derived"] = [x for x in d["derived"] if "C=64" not in x["name"]]
+
+    current = edited(tmp_path, BASELINE, disagree)
+    code, out = run_gate(capsys, current, MICRO_BASELINE)
+    assert code == 1 and "gradpath.naive-3x3-C64.stored_bytes_per_step" in out
+    rules = thresholds.load(THRESHOLDS)
+    found = verdicts.evaluate(rules, [sources.load_source(BASELINE)], [sources.load_source(current)])
+    (missing,) = [v for v in found if v.metric == "gradpath.naive-3x3-C64.stored_bytes_per_step"]
+    assert missing.status == "missing"
+    assert missing.note == ("not in this run: case naive-3x3-C64 error: naive and efficient paths disagree: "
+                            "max relative difference 2.00e-02")

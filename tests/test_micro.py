@@ -1,5 +1,6 @@
 """The pytest-benchmark micro suite: collectable outside the unit tests, and its JSON read strictly."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import micro
+from bench import env, pytest_suites
 from bench.results import ResultsFileError
-from suites import MICRO_BENCHMARKS
+from suites import PYTEST_SUITES
 from suites.micro import NORMS, conv_norm_block
+
+MICRO_BENCHMARKS = PYTEST_SUITES["micro"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,21 +50,24 @@ def micro_json(version: int = 1) -> dict:
     def bench(group, norm, times):
         return {"group": group, "extra_info": {"norm": norm, "reference": norm == "bn"}, "stats": {"data": times}}
 
-    info = {"schema": micro.SCHEMA, "schema_version": version, "device": "cpu", "profile": "cpu",
-            "environment": {"device_name": "cpu: test", "cpu_model": "test", "threads": 2}}
+    info = {"schema": pytest_suites.SCHEMA, "schema_version": version, "device": "cpu", "profile": "cpu",
+            "environment": dataclasses.asdict(env.capture("cpu", []))}
     return {"machine_info": {"cbn_bench": info}, "benchmarks": [
         bench("forward", "bn", [1.0, 1.1, 0.9]), bench("forward", "cbn", [2.0, 2.2, 1.8]),
         bench("forward+backward", "bn", [3.0, 3.0, 3.0]), bench("forward+backward", "cbn", [4.5, 4.5, 4.5])]}
 
 
 def test_ratios_are_taken_within_each_group(tmp_path):
-    run = micro.load(write(tmp_path, micro_json()))
-    assert run.ratios()[("forward", "cbn")] == pytest.approx(2.0)  # minimum times: 1.8 / 0.9
-    assert run.ratios()[("forward+backward", "cbn")] == pytest.approx(1.5)
-    median = run.median_ratios()[("forward", "cbn")]
-    assert median.median == pytest.approx(2.0) and median.ci_low <= 2.0 <= median.ci_high
-    assert run.reference_norms == {"forward": "bn", "forward+backward": "bn"}
-    assert micro.table(run).rows[1][0] == "cbn"
+    run = pytest_suites.load(write(tmp_path, micro_json()))
+    ratios = {d.name: d.value for d in run.derived}
+    assert ratios == {"forward.cbn/bn time ratio": pytest.approx(2.0),  # minimum times: 1.8 / 0.9
+                      "forward+backward.cbn/bn time ratio": pytest.approx(1.5)}
+    assert all(d.kind == "timing" for d in run.derived)
+    cbn = next(c for c in run.cases if c.case == "forward/cbn")
+    assert cbn.metrics["time"].samples == (2.0, 2.2, 1.8) and cbn.metrics["time"].value == 2.0
+    table = pytest_suites.table(run)
+    assert table.rows[1][0] == "cbn" and table.rows[1][2] == "2.00"  # x ref (min)
+    assert table.rows[1][3].startswith("2.00 [")  # x ref (median [95% CI])
 
 
 @pytest.mark.parametrize("data, message", [
@@ -71,10 +77,10 @@ def test_ratios_are_taken_within_each_group(tmp_path):
 ])
 def test_foreign_or_malformed_micro_files_are_refused(tmp_path, data, message):
     with pytest.raises(ResultsFileError, match=message):
-        micro.load(write(tmp_path, data))
+        pytest_suites.load(write(tmp_path, data))
 
 
 def test_running_without_pytest_benchmark_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pytest_benchmark", None)
     with pytest.raises(ValueError, match=r"pip install -e '.\[test\]'"):
-        micro.run("cpu", tmp_path)
+        pytest_suites.run("micro", "cpu", tmp_path)

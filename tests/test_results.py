@@ -1,12 +1,14 @@
 """Results files: round trip, atomic and never-overwriting writes, upgrades and clear refusals."""
 
-import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from bench import results
+from bench.gate import sources
+from bench.metrics import count, timing
 from bench.results import CaseResult, Derived, Environment, ResultsFileError, RunResult
 
 
@@ -16,11 +18,28 @@ def environment() -> Environment:
 
 
 def run_result() -> RunResult:
-    cases = [CaseResult("table6", "bn", {"norm": "bn"}, "ok", None, {"train_step_median_s": 1.25, "train_step_flops": 1e12},
-                        {"train_step_s": [1.2, 1.25, 1.3]}, ["a note"]),
+    metrics = {"train_step_time": timing([1.2, 1.25, 1.3]), "train_step_flops": count(1e12, "flop")}
+    cases = [CaseResult("table6", "bn", {"norm": "bn"}, "ok", None, metrics, ["a note"], {"kept_per_round": 1}),
              CaseResult("table6", "gn", {"norm": "gn"}, "error", "RuntimeError: out of memory")]
-    return RunResult("cpu", "cpu", ["table6"], environment(), cases, [Derived("table6", "gn/bn train iter/s ratio", 0.9, 0.8, 1.0, timing=True),
-                                                            Derived("table6", "gn/bn train_step_flops ratio", 1.0)])
+    derived = [Derived("table6", "gn/bn train iter/s ratio", 0.9, 0.8, 1.0, kind="timing"),
+               Derived("table6", "gn/bn train_step_flops ratio", 1.0)]
+    return RunResult("cpu", "cpu", ["table6"], environment(), cases, derived)
+
+
+def version_3(run: RunResult) -> dict:
+    """run as schema version 3 wrote it: suffix-named summaries, samples beside the metrics, timing flags."""
+    data = json.loads(results.to_json(run))
+    for case in data["cases"]:
+        metrics = case["metrics"]
+        case["samples"] = {"train_step_s": metrics["train_step_time"]["samples"]} if "train_step_time" in metrics else {}
+        flat = {name: m["value"] for name, m in metrics.items() if m["kind"] != "timing"}
+        for name, m in metrics.items():
+            if m["kind"] == "timing":
+                flat.update({f"train_step_{stat}_s": m["summary"][stat] for stat in ("median", "q1", "q3", "ci_low", "ci_high")})
+        case["metrics"] = flat
+    for d in data["derived"]:
+        d["timing"] = d.pop("kind") == "timing"
+    return dict(data, schema_version=3)
 
 
 def test_round_trip_keeps_every_value_unrounded(tmp_path):
@@ -52,7 +71,9 @@ def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
 
 
 def test_an_older_schema_is_upgraded_on_load(tmp_path):
-    data = dataclasses.asdict(run_result())
+    data = version_3(run_result())
+    for case in data["cases"]:
+        del case["sampling"]
     data["schema_version"] = 0
     data["ratios"] = data.pop("derived")
     for case in data["cases"]:
@@ -63,10 +84,25 @@ def test_an_older_schema_is_upgraded_on_load(tmp_path):
     assert loaded.schema_version == results.SCHEMA_VERSION
     assert loaded.derived == run_result().derived
     assert loaded.cases[0].notes == []
+    assert loaded.cases[0].sampling == {"kept_per_round": 1, "discarded_per_round": 0, "order": "fixed",
+                                        "cuda_cache": "not applicable"}
+    assert loaded.cases[0].metrics == run_result().cases[0].metrics  # kinds, units, samples and summary
+
+
+def test_version_3_metrics_get_their_kind_and_unit(tmp_path):
+    data = version_3(run_result())
+    data["cases"][0]["metrics"].update(peak_allocated_bytes=7e9, counted_total_bytes=5e8, cbn_layers=16)
+    path = tmp_path / "v3.json"
+    path.write_text(json.dumps(data))
+    metrics = results.load(path).cases[0].metrics
+    assert {name: (m.kind, m.unit) for name, m in metrics.items()} == {
+        "train_step_flops": ("count", "flop"), "peak_allocated_bytes": ("peak", "byte"),
+        "counted_total_bytes": ("count", "byte"), "cbn_layers": ("count", "1"), "train_step_time": ("timing", "s")}
+    assert metrics["train_step_time"].samples == (1.2, 1.25, 1.3)
 
 
 def test_version_1_learns_which_derived_figures_are_timing(tmp_path):
-    data = dataclasses.asdict(run_result())
+    data = version_3(run_result())
     data["schema_version"] = 1
     for d in data["derived"]:
         del d["timing"]
@@ -74,7 +110,7 @@ def test_version_1_learns_which_derived_figures_are_timing(tmp_path):
     path = tmp_path / "v1.json"
     path.write_text(json.dumps(data))
     run, stored = results.load_with_version(path)
-    assert stored == 1 and run.schema_version == 2
+    assert stored == 1 and run.schema_version == results.SCHEMA_VERSION
     assert [d.timing for d in run.derived] == [True, False, True]
 
 
@@ -89,6 +125,15 @@ def test_foreign_or_malformed_files_are_refused(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(ResultsFileError, match=message):
         results.load(path)
+
+
+def test_every_committed_results_file_loads_through_the_upgrade_chain():
+    root = Path(__file__).resolve().parents[1] / "results"
+    files = [p for p in root.rglob("*.json") if p.parent.name != "counts"]
+    assert len(files) >= 10
+    for path in files:
+        run = sources.load_source(path)  # results files and pytest-benchmark files alike
+        assert run.metrics, path
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.runner import ProgressHook, run_cases
+from bench.metrics import count
+from bench.runner import ProgressHook, _GroupRun, run_cases
 from bench.suite import Case
 
 MODULES = {"fake": "fake_suite"}
@@ -25,12 +26,22 @@ def test_cases_of_a_group_are_timed_interleaved(tmp_path):
     results, interrupted = run_cases([case("A", tmp_path), case("B", tmp_path), case("C", tmp_path)], MODULES, "cpu")
     assert not interrupted
     assert [r.status for r in results] == ["ok", "ok", "ok"]
-    assert (tmp_path / "rounds.log").read_text().split() == ["A", "B", "C"] * 3
+    # interleaved, and the order rotates: no case always runs first in a round
+    assert (tmp_path / "rounds.log").read_text().split() == ["A", "B", "C", "B", "C", "A", "C", "A", "B"]
     a = results[0]
-    assert a.samples["work_s"] and len(a.samples["work_s"]) == 3
-    assert a.metrics["answer_flops"] == 42.0 and a.notes == ["measured"]
-    assert a.metrics["work_median_s"] == sorted(a.samples["work_s"])[1]
-    assert {"work_q1_s", "work_q3_s", "work_ci_low_s", "work_ci_high_s"} <= a.metrics.keys()
+    work = a.metrics["work_time"]
+    assert (work.kind, work.unit, len(work.samples)) == ("timing", "s", 3)
+    assert work.value == work.summary["median"] == sorted(work.samples)[1]
+    assert {"n", "q1", "q3", "ci_low", "ci_high"} <= work.summary.keys()
+    assert a.metrics["answer_flops"] == count(42.0, "flop") and a.notes == ["measured"]
+    assert a.sampling == {"kept_per_round": 1, "discarded_per_round": 0, "order": "rotating", "cuda_cache": "not applicable"}
+
+
+def test_each_group_reaches_the_journal_hook_as_soon_as_it_is_done(tmp_path):
+    groups = []
+    cases = [case("A", tmp_path, group="g1"), case("B", tmp_path, group="g2"), case("C", tmp_path, group="g2")]
+    run_cases(cases, MODULES, "cpu", on_group=lambda done: groups.append([r.case for r in done]))
+    assert groups == [["A"], ["B", "C"]]
 
 
 def test_failures_are_recorded_per_case_and_the_others_finish(tmp_path):
@@ -45,13 +56,13 @@ def test_failures_are_recorded_per_case_and_the_others_finish(tmp_path):
     ]
     results = {r.case: r for r in run_cases(cases, MODULES, "cpu")[0]}
     assert results["ok1"].status == results["ok2"].status == "ok"
-    assert len(results["ok2"].samples["work_s"]) == 3
+    assert len(results["ok2"].metrics["work_time"].samples) == 3
     assert results["raises"].status == "error" and "deliberate failure while building" in results["raises"].error
     assert results["oom"].status == "error" and "MemoryError" in results["oom"].error
     assert results["crash"].status == "error" and "exited with code 3" in results["crash"].error
     assert results["skip"].status == "skipped" and results["skip"].notes == ["not applicable here"]
     assert results["check"].status == "error" and results["check"].error == "paths disagree"
-    assert results["check"].metrics == {"difference": 1.0}
+    assert results["check"].metrics == {"difference": count(1.0, "1")}
 
 
 def test_a_hung_case_times_out_alone(tmp_path):
@@ -71,8 +82,25 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path):
     results, interrupted = run_cases(cases, MODULES, "cpu", hook=ProgressHook(describe=interrupt_at))
     by_name = {r.case: r for r in results}
     assert interrupted
-    assert by_name["first"].status == "ok" and len(by_name["first"].samples["work_s"]) == 3
-    assert by_name["A"].status == "interrupted" and len(by_name["A"].samples["work_s"]) == 2
-    assert by_name["B"].status == "interrupted" and len(by_name["B"].samples["work_s"]) == 1
-    assert by_name["A"].metrics["answer_flops"] == 42.0
-    assert by_name["later"].status == "interrupted" and not by_name["later"].samples
+    assert by_name["first"].status == "ok" and len(by_name["first"].metrics["work_time"].samples) == 3
+    # round 2 runs B before A (the order rotates): the interrupt comes before either's second sample
+    assert by_name["A"].status == "interrupted" and len(by_name["A"].metrics["work_time"].samples) == 1
+    assert by_name["B"].status == "interrupted" and len(by_name["B"].metrics["work_time"].samples) == 1
+    assert by_name["A"].metrics["answer_flops"].value == 42.0
+    assert by_name["later"].status == "interrupted" and not by_name["later"].metrics
+
+
+def test_on_cuda_the_group_keeps_warm_caches_only_when_its_workers_fit(tmp_path):
+    group = [case("A", tmp_path), case("B", tmp_path)]
+    run = _GroupRun(group, MODULES, "cuda", None, ProgressHook(), {}, {})
+    run.workers = {"A": None, "B": None}
+    gib = 2**30
+    run.measured = {"A": {"cuda_peak_reserved_bytes": 30 * gib, "cuda_total_bytes": 80 * gib},
+                    "B": {"cuda_peak_reserved_bytes": 30 * gib, "cuda_total_bytes": 80 * gib}}
+    run._decide_cache_policy()
+    assert run.empty_cache is False
+    assert run.sampling["A"].cuda_cache.startswith("kept between rounds (62.0 GiB for 2 workers fit in 72.0 GiB)")
+    assert (run.sampling["A"].discarded_per_round, run.sampling["A"].kept_per_round) == (1, 1)
+    run.measured["B"]["cuda_peak_reserved_bytes"] = 45 * gib
+    run._decide_cache_policy()
+    assert run.empty_cache is True and run.sampling["B"].cuda_cache.startswith("emptied after each round (77.0 GiB")

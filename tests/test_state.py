@@ -58,6 +58,15 @@ def test_state_dict_holds_counters_history_and_version():
     assert state._metadata["1"]["version"] == cbn.CrossIterationBatchNorm2d._version
 
 
+def test_a_checkpoint_from_a_newer_layer_version_is_refused():
+    net = conv_cbn_net(window=3)
+    train(net, batches(3))
+    state = net.state_dict()
+    state._metadata["1"]["version"] = cbn.CrossIterationBatchNorm2d._version + 1
+    with pytest.raises(RuntimeError, match="saved by a newer CrossIterationBatchNorm2d .state version 2"):
+        conv_cbn_net(window=3).load_state_dict(state)
+
+
 def test_a_batchnorm_checkpoint_loads_into_cbn_with_a_fresh_history():
     bn_net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6))
     bn_net[1].running_mean.fill_(0.5)

@@ -1,24 +1,40 @@
-"""Suite definitions: cases, derived ratios and tables from known results, repeatable counts."""
+"""Suite definitions: the contract, cases, derived ratios and tables from known results (rendered
+from the settings stored in them), repeatable counts."""
 
 import dataclasses
+import types
 
 import pytest
 
+from bench.metrics import count, timing
 from bench.results import CaseResult, RunResult
-from suites import gradpath, table6
+from bench.suite import check_suite, load_suite
+from suites import SUITES, gradpath, table6
+from suites.constants import AGREEMENT_TOLERANCE
 from test_results import environment
 
 
-def timing_case(suite, name, params, seconds, **metrics):
+def timing_case(suite, name, params, seconds, **counts):
     samples = [seconds * f for f in (0.98, 1.0, 1.02)]
-    key = "train_step_s" if suite == "table6" else "stat_grad_s"
-    all_samples = {key: samples}
-    stem = key.removesuffix("_s")
-    metrics[f"{stem}_median_s"] = seconds
+    metrics = {key: count(value, "byte" if key.endswith("bytes") else "flop") for key, value in counts.items()}
+    metrics["train_step_time" if suite == "table6" else "stat_grad_time"] = timing(samples)
     if suite == "table6":
-        all_samples["inference_s"] = [s / 2 for s in samples]
-        metrics["inference_median_s"] = seconds / 2
-    return CaseResult(suite, name, params, "ok", None, metrics, all_samples)
+        metrics["inference_time"] = timing([s / 2 for s in samples])
+    return CaseResult(suite, name, params, "ok", None, metrics)
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_every_registered_suite_satisfies_the_contract(name):
+    suite = load_suite(SUITES, name)
+    assert suite.NAME == name and suite.default_profile("cpu") in suite.PROFILES
+
+
+def test_a_module_missing_part_of_the_contract_is_refused_naming_each_gap():
+    module = types.ModuleType("half_a_suite")
+    module.NAME, module.PROFILES, module.cases = "half", {"smoke": "tiny"}, lambda *a: []
+    with pytest.raises(ValueError, match=r"half_a_suite does not satisfy bench.suite.Suite: it lacks default_profile "
+                                         r"\(a function\), build .* PROFILES \(a non-empty dict .*OPTIONS .*COUNTS"):
+        check_suite(module)
 
 
 def test_table6_cases_and_options():
@@ -33,7 +49,8 @@ def test_table6_cases_and_options():
 
 
 def test_table6_ratios_from_known_results():
-    params = {"arch": "mask_rcnn", "depth": "50", "placement": "heads", "profile": "cpu"}
+    params = {"arch": "mask_rcnn", "depth": "50", "placement": "heads", "profile": "cpu",
+              "settings": table6.settings(table6.PROFILES["cpu"])}
     bn = timing_case("table6", "bn", params, 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
     cbn = timing_case("table6", "cbn", params, 1.25, train_step_flops=113.0, forward_macs=50.0, counted_total_bytes=1020.0)
     failed = CaseResult("table6", "gn", params, "error", "RuntimeError: out of memory")
@@ -49,14 +66,30 @@ def test_table6_ratios_from_known_results():
     assert rows["GN"][1].startswith("error: RuntimeError: out of memory")
     assert rows["CBN k=4"][4].startswith("0.8 (0.800 [")
     assert rows["CBN k=4"][6] == "1.07 / 1.13 / 0.77 / 1"
-    assert any("ABOVE the 1.05 target" in line for line in table.caption)
+    assert any("ABOVE the 1.10 target on cpu, which the gate enforces too" in line for line in table.caption)
+    assert "2 x 320x320 images, 128 RoIs/image" in table.title
+
+
+def test_a_file_renders_the_sizes_it_was_measured_at_after_its_profile_changed(monkeypatch):
+    params = {"arch": "mask_rcnn", "depth": "50", "placement": "heads", "profile": "cpu",
+              "settings": table6.settings(table6.PROFILES["cpu"])}
+    bn = timing_case("table6", "bn", params, 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
+    run = RunResult("cpu", "cpu", ["table6"], environment(), [bn], table6.derive([bn]))
+    monkeypatch.setitem(table6.PROFILES, "cpu", dataclasses.replace(table6.PROFILES["cpu"], height_px=64, width_px=64))
+    (table,) = table6.tables(run)
+    assert "2 x 320x320 images" in table.title
+    # a file from before settings were stored renders with the profile as it was then, not today's
+    old = dataclasses.replace(bn, params={k: v for k, v in params.items() if k != "settings"})
+    (table,) = table6.tables(RunResult("cpu", "cpu", ["table6"], environment(), [old], []))
+    assert "2 x 320x320 images" in table.title
 
 
 def test_gradpath_speedup_and_slopes_from_known_results():
     cases = []
     for c in (16, 32, 64):
         for path, seconds in (("efficient", 1e-6 * c**2), ("naive", 1e-8 * c**3)):
-            params = {"profile": "cpu", "path": path, "kernel": 3, "channels": c}
+            params = {"profile": "cpu", "path": path, "kernel": 3, "channels": c,
+                      "settings": gradpath.settings(gradpath.PROFILES["cpu"])}
             cases.append(timing_case("gradpath", f"{path}-3x3-C{c}", params, seconds, stored_bytes_per_step=float(c)))
     derived = {d.name: d.value for d in gradpath.derive(cases)}
     assert derived["time slope in C, efficient 3x3"] == pytest.approx(2.0)
@@ -76,7 +109,7 @@ def test_gradpath_paths_agree_within_one_run():
     case = next(c for c in gradpath.cases("smoke", "cpu") if c.params["path"] == "naive")
     measured = gradpath.build(case, "cpu").measure()
     assert measured.error is None
-    assert measured.metrics["max_relative_difference_to_efficient"] < gradpath.AGREEMENT_TOLERANCE
+    assert measured.metrics["max_relative_difference_to_efficient"].value < AGREEMENT_TOLERANCE
 
 
 @pytest.mark.slow
@@ -85,4 +118,17 @@ def test_table6_counts_repeat_exactly():
     first, second = (table6.build(case, "cpu").measure().metrics for _ in range(2))
     for key in ("train_step_flops", "forward_macs", "inference_forward_macs", "counted_total_bytes", "cbn_history_bytes"):
         assert first[key] == second[key], key
-    assert first["cbn_history_bytes"] > 0 and first["cbn_layers"] == 16
+    assert first["cbn_history_bytes"].value > 0 and first["cbn_layers"].value == 16
+
+
+@pytest.mark.slow
+def test_table6_reuses_stored_counts_and_says_so():
+    case = next(c for c in table6.cases("smoke", "cpu") if c.name == "bn")
+    workload = table6.build(case, "cpu")
+    stored = {"train_step_flops": 1.0, "forward_macs": 2.0, "inference_forward_macs": 3.0}
+    workload.reuse_counts({"metrics": stored, "counted_on": "cpu: elsewhere", "date_utc": "2026-11-27T00:00:00",
+                           "torch": "2.11.0", "torchvision": "0.26.0"})
+    measured = workload.measure()
+    assert {k: measured.metrics[k].value for k in stored} == stored
+    assert "reused from results/counts, counted on cpu: elsewhere" in measured.notes[0]
+    assert measured.metrics["counted_total_bytes"].value > 0  # memory is still measured here

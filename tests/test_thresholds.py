@@ -4,8 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import thresholds
-from bench.thresholds import ThresholdsError
+from bench.gate import rules as thresholds
+from bench.gate.rules import ThresholdsError
+from suites.constants import STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET
+
+COMMITTED = Path(__file__).resolve().parents[1] / "results" / "thresholds.toml"
 
 
 def write(tmp_path, text: str):
@@ -83,6 +86,33 @@ def test_a_missing_file_says_so(tmp_path):
 
 
 def test_the_committed_thresholds_file_parses():
-    rules = thresholds.load(Path(__file__).resolve().parents[1] / "results" / "thresholds.toml")
+    rules = thresholds.load(COMMITTED)
     assert {r.suite for r in rules} == {"table6", "gradpath", "micro"}
     assert all(r.line > 0 for r in rules)
+
+
+def test_rules_per_device_apply_only_there(tmp_path):
+    rules = thresholds.load(write(tmp_path, "\n".join([
+        "[table6]",
+        '"*.counted_total_bytes" = { cpu = "== baseline" }',
+        '"ratio" = { cpu = "<= 1.10", cuda = ["<= 1.05", ">= 0.5"] }',
+        '"*.train_step_flops" = "== baseline"',
+    ])))
+    assert [(r.pattern, r.text, r.devices, r.line) for r in rules] == [
+        ("table6.*.counted_total_bytes", "== baseline", ("cpu",), 2),
+        ("table6.ratio", "<= 1.10", ("cpu",), 3), ("table6.ratio", "<= 1.05", ("cuda",), 3),
+        ("table6.ratio", ">= 0.5", ("cuda",), 3), ("table6.*.train_step_flops", "== baseline", (), 4)]
+    assert rules[0].applies_on("cpu") and not rules[0].applies_on("cuda")
+    assert rules[-1].applies_on("cpu") and rules[-1].applies_on("cuda")
+
+
+def test_a_per_device_table_with_an_unknown_device_reads_as_a_dotted_name(tmp_path):
+    # { tpu = ... } is not a device table: it is the metric "x.tpu", and its rule must be a string
+    rules = thresholds.load(write(tmp_path, '[table6]\n"x" = { tpu = "== baseline" }\n'))
+    assert [(r.pattern, r.devices) for r in rules] == [("table6.x.tpu", ())]
+
+
+def test_the_gate_enforces_the_step_time_target_that_table6_prints():
+    rules = [r for r in thresholds.load(COMMITTED) if r.pattern == f"table6.{STEP_TIME_OVER_FLOPS}"]
+    assert {r.devices: (r.op, r.absolute) for r in rules} == {
+        (device,): ("<=", target) for device, target in STEP_TIME_OVER_FLOPS_TARGET.items()}

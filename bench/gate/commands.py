@@ -1,4 +1,5 @@
-"""The commands that guard against regressions: `gate`, `baseline` and `micro`.
+"""The commands that guard against regressions: `gate`, `baseline` and `spread` (bench/cli.py
+holds their arguments).
 
 `gate` measures the quick suites (or reads results files), compares them with the baseline of the
 same device class and profile under results/thresholds.toml, re-measures a failed timing rule once,
@@ -12,8 +13,11 @@ import argparse
 import os
 from pathlib import Path
 
-from bench import env, gate, micro, report, results, runs, sources, thresholds
-from bench.sources import MICRO_SUITE, Source
+from bench import env, pytest_suites, report, results, session
+from bench.gate import rules as thresholds
+from bench.gate import sources
+from bench.gate import verdicts as gate
+from bench.gate.sources import Source
 
 BASELINES = Path("results") / "baselines"
 THRESHOLDS = Path("results") / "thresholds.toml"
@@ -21,56 +25,26 @@ GATE_OUT = Path("results") / "gate"  # measurements the gate makes; not committe
 GATE_PROFILE = "quick"
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    suites = [*runs.suite_registry(), MICRO_SUITE]
-    g = sub.add_parser("gate", help="compare with the stored baseline under the thresholds; exit 1 on a regression",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to measure (default: all of {', '.join(suites)})")
-    g.add_argument("--results", nargs="+", type=Path, metavar="FILE",
-                   help="judge these results / micro-benchmark files instead of measuring (no re-measuring)")
-    g.add_argument("--baseline", nargs="+", type=Path, metavar="FILE",
-                   help=f"baseline files (default: {BASELINES}/<device class>/<profile>.json and micro.json)")
-    g.add_argument("--thresholds", type=Path, default=THRESHOLDS, help=f"rules file (default: {THRESHOLDS})")
-    _measure_options(g)
-    g.add_argument("--no-retry", action="store_true", help="judge failed timing rules without re-measuring them")
-    b = sub.add_parser("baseline", help="measure and store the baselines the gate compares with")
-    b.add_argument("--folder", type=Path, default=BASELINES, help=f"where baselines live (default: {BASELINES})")
-    b.add_argument("--skip-micro", action="store_true", help="leave the micro-benchmark baseline as it is")
-    _measure_options(b)
-    s = sub.add_parser("spread", help="how timing metrics moved over repeated identical runs (to calibrate tolerances)")
-    s.add_argument("files", nargs="+", type=Path, metavar="FILE", help="results or micro-benchmark files of one kind")
-    m = sub.add_parser("micro", help="run the pytest-benchmark layer micro-benchmarks")
-    m.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
-    m.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    m.add_argument("--out", type=Path, default=micro.DEFAULT_OUT, help=f"folder for the JSON (default: {micro.DEFAULT_OUT})")
-
-
-def _measure_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default=GATE_PROFILE, help=f"profile of the harness suites (default: {GATE_PROFILE})")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: the baseline's, else torch's)")
-    p.add_argument("--out", type=Path, default=GATE_OUT, help=f"folder for the measurements (default: {GATE_OUT})")
-
-
 # ---------------------------------------------------------------------- measuring
 def measure(names: list[str], profile: str, device: str, threads: int | None, out: Path) -> list[Source]:
-    """Run the named suites (harness suites in one run, then the micro-benchmarks) into sources."""
+    """Run the named suites (harness suites in one run, then each pytest-benchmark suite) into sources."""
     found = []
-    harness = [n for n in names if n != MICRO_SUITE]
+    pytest_names = [n for n in names if n in pytest_suites.registry()]
+    harness = [n for n in names if n not in pytest_names]
     if harness:
-        run, paths, interrupted = runs.execute(runs.plan(harness, profile, device), threads, out)
+        run, paths, interrupted = session.execute(session.plan(harness, profile, device), threads, out)
         if interrupted:
             raise KeyboardInterrupt
         found.append(sources.from_run(run, str(paths[0]), results.SCHEMA_VERSION))
-    if MICRO_SUITE in names:
-        measured = micro.run(device, out, threads)
-        report.print_tables([micro.table(measured)], runs.console)
-        found.append(sources.from_micro(measured))
+    for name in pytest_names:
+        measured, path = pytest_suites.run(name, device, out, threads)
+        report.print_tables([pytest_suites.table(measured, str(path))], session.console)
+        found.append(sources.from_run(measured, str(path), measured.schema_version))
     return found
 
 
 def _suites(names: list[str]) -> list[str]:
-    known = [*runs.suite_registry(), MICRO_SUITE]
+    known = [*session.suite_registry(), *pytest_suites.registry()]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown suite {unknown[0]!r}; available: {', '.join(known)}")
@@ -79,8 +53,9 @@ def _suites(names: list[str]) -> list[str]:
 
 def _planned_sources(names: list[str], profile: str, device: str) -> list[tuple[str, str]]:
     """(kind, profile) of the files a measurement of names will produce."""
-    kinds = [(results.SCHEMA, profile)] if any(n != MICRO_SUITE for n in names) else []
-    return kinds + ([(micro.SCHEMA, device)] if MICRO_SUITE in names else [])
+    pytest_names = [n for n in names if n in pytest_suites.registry()]
+    kinds = [(results.SCHEMA, profile)] if len(pytest_names) < len(names) else []
+    return kinds + ([(pytest_suites.SCHEMA, device)] if pytest_names else [])
 
 
 def _threads(args: argparse.Namespace, baselines: list[Source]) -> tuple[int | None, list[str]]:
@@ -118,12 +93,12 @@ def gate_command(args: argparse.Namespace) -> int:
         if again and args.no_retry:
             verdicts = gate.not_remeasured(verdicts, "--no-retry")
         elif again:
-            runs.console.print(f"[yellow]timing rules failed in {', '.join(again)}: re-measuring once[/yellow]")
+            session.console.print(f"[yellow]timing rules failed in {', '.join(again)}: re-measuring once[/yellow]")
             verdicts = gate.remeasured(verdicts, measure(again, args.profile, device, threads, args.out))
-    report.print_tables([gate.table(verdicts, rules, currents, notes)], runs.console)
+    report.print_tables([gate.table(verdicts, rules, currents, notes)], session.console)
     status = gate.exit_status(verdicts)
     failed = [v.metric for v in verdicts if v.failed]
-    runs.console.print("[green]gate passed[/green]" if status == 0 else
+    session.console.print("[green]gate passed[/green]" if status == 0 else
                       f"[bold red]gate failed[/bold red]: {len(failed)} of {len(verdicts)} checks: {', '.join(failed)}")
     return status
 
@@ -135,7 +110,7 @@ def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, str]]) -> 
     for kind, profile, cls in dict.fromkeys(wanted):
         path = sources.baseline_path(BASELINES, kind, cls, profile)
         if not path.exists():
-            what = "micro-benchmark baseline" if kind == micro.SCHEMA else f"baseline for profile {profile!r}"
+            what = "micro-benchmark baseline" if kind == pytest_suites.SCHEMA else f"baseline for profile {profile!r}"
             raise sources.GateError(f"no {what} for device class {cls!r}: {path} does not exist; make it with "
                                     f"`python -m bench baseline --profile {profile}` or pass --baseline FILE")
         loaded.append(sources.load_source(path))
@@ -144,11 +119,11 @@ def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, str]]) -> 
 
 def baseline_command(args: argparse.Namespace) -> int:
     device = args.device or env.best_device()
-    names = [n for n in _suites([]) if not (args.skip_micro and n == MICRO_SUITE)]
+    names = [n for n in _suites([]) if not (args.skip_micro and n in pytest_suites.registry())]
     measured = measure(names, args.profile, device, args.threads, args.out)
     failed = [f"{s.path}: {case} {why}" for s in measured for case, why in s.absent.items() if not why.startswith("skipped")]
     if failed:
-        runs.console.print("[red]no baseline written: cases failed[/red]\n  " + "\n  ".join(failed))
+        session.console.print("[red]no baseline written: cases failed[/red]\n  " + "\n  ".join(failed))
         return 1
     for source in measured:
         target = sources.baseline_path(args.folder, source.kind, source.device_class, source.profile)
@@ -156,8 +131,8 @@ def baseline_command(args: argparse.Namespace) -> int:
         markdown = Path(source.path).with_suffix(".md")
         if markdown.exists():
             results.write_atomic(target.with_suffix(".md"), markdown.read_bytes())
-        runs.console.print(f"baseline written: {target} (from {source.path})")
-    runs.console.print("review the tables above, then commit the baseline files with a note in results/README.md")
+        session.console.print(f"baseline written: {target} (from {source.path})")
+    session.console.print("review the tables above, then commit the baseline files with a note in results/README.md")
     return 0
 
 
@@ -167,12 +142,5 @@ def spread_command(args: argparse.Namespace) -> int:
         raise ValueError("give at least two files of repeated identical runs")
     for source in files[1:]:
         sources.check_comparable(files[0], source)
-    report.print_tables([gate.spread_table(files)], runs.console)
-    return 0
-
-
-def micro_command(args: argparse.Namespace) -> int:
-    measured = micro.run(args.device or env.best_device(), args.out, args.threads)
-    report.print_tables([micro.table(measured)], runs.console)
-    runs.console.print(f"results written to:\n  {measured.path}")
+    report.print_tables([gate.spread_table(files)], session.console)
     return 0

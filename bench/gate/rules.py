@@ -6,7 +6,11 @@
     [gradpath]
     "speedup 3x3 C=256" = ">= 50"              # an absolute floor, no baseline needed
 
-A metric's entry is one rule or a list of rules that must all hold (``[">= 50", ">= baseline - 40%"]``).
+A metric's entry is one rule or a list of rules that must all hold (``[">= 50", ">= baseline - 40%"]``),
+or an inline table of such rules per device, for metrics that exist on some devices only or are
+held to different bounds: ``{ cpu = "== baseline" }``, ``{ cpu = "<= 1.10", cuda = "<= 1.05" }``
+(devices: ``cpu``, ``cuda``). A plain entry applies on every device; where a rule applies, a metric
+it matches in neither the baseline nor the run is MISSING, and fails.
 A rule is ``OP REFERENCE``: OP is ``==``, ``>=`` or ``<=``; REFERENCE is a number, ``baseline``, or
 ``baseline +/- AMOUNT`` where AMOUNT is a number or a percentage of the baseline value. ``== baseline
 ± 1%`` (or ``+-``) allows 1% either way. Every error names the file and line.
@@ -38,6 +42,7 @@ class Rule:
     text: str  # as written, e.g. ">= baseline - 8%"
     op: str  # "==", ">=" or "<="
     line: int
+    devices: tuple[str, ...] = ()  # where the metric exists; empty: everywhere
     absolute: float | None = None  # compare with this number; otherwise with the baseline value
     sign: str = ""  # "", "+", "-" or "±" before the amount
     amount: float = 0.0
@@ -53,6 +58,9 @@ class Rule:
 
     def matches(self, metric: str) -> bool:
         return fnmatch.fnmatchcase(metric, self.pattern)
+
+    def applies_on(self, device: str) -> bool:
+        return not self.devices or device in self.devices
 
     def limit(self, baseline: float | None) -> float:
         """The number the current value is compared with (for ±, the allowed distance)."""
@@ -71,7 +79,7 @@ class Rule:
         return {"==": current == limit, ">=": current >= limit, "<=": current <= limit}[self.op]
 
 
-def parse_rule(pattern: str, text: str, line: int, where: str) -> Rule:
+def parse_rule(pattern: str, text: str, line: int, where: str, devices: tuple[str, ...] = ()) -> Rule:
     found = _RULE.match(" ".join(text.split()))
     if found is None:
         raise ThresholdsError(
@@ -83,7 +91,7 @@ def parse_rule(pattern: str, text: str, line: int, where: str) -> Rule:
         raise ThresholdsError(f"{where}:{line}: '±' goes with '==' (a band around the baseline), not {op!r}")
     if sign in ("+", "-") and op == "==":
         raise ThresholdsError(f"{where}:{line}: '== baseline {sign} ...' is one number; use '>=', '<=' or '± ...'")
-    return Rule(pattern, text, op, line, absolute=None if found["absolute"] is None else float(found["absolute"]),
+    return Rule(pattern, text, op, line, devices, absolute=None if found["absolute"] is None else float(found["absolute"]),
                 sign=sign, amount=float(found["amount"] or 0), percent=bool(found["percent"]))
 
 
@@ -105,12 +113,24 @@ def load(path: str | Path) -> list[Rule]:
             raise ThresholdsError(f"{path}:{line}: {suite!r} is not a [suite] table of rules; put rules under [{suite}]")
         for key, value in _flatten(table):
             line = _line_of(lines, suite, key)
-            texts = value if isinstance(value, list) else [value]
-            if not texts or not all(isinstance(t, str) for t in texts):
-                raise ThresholdsError(f"{path}:{line}: the rule for {key!r} must be a string such as \"== baseline\" "
-                                      "or a list of them (all must hold)")
-            rules += [parse_rule(f"{suite}.{key}", text, line, str(path)) for text in texts]
+            per_device = value.items() if _is_per_device(value) else [(None, value)]
+            for device, entry in per_device:
+                texts = entry if isinstance(entry, list) else [entry]
+                if not texts or not all(isinstance(t, str) for t in texts):
+                    raise ThresholdsError(f"{path}:{line}: the rule for {key!r} must be a string such as \"== baseline\", "
+                                          "a list of them (all must hold), or a table of those per device: "
+                                          "{ cpu = \"== baseline\" }")
+                devices = () if device is None else (device,)
+                rules += [parse_rule(f"{suite}.{key}", text, line, str(path), devices) for text in texts]
     return rules
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def _is_per_device(value: object) -> bool:
+    """{ cpu = ..., cuda = ... }: rules per device (a table of other keys is a dotted metric name)."""
+    return isinstance(value, dict) and bool(value) and set(value) <= set(DEVICES)
 
 
 def _flatten(table: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -118,7 +138,8 @@ def _flatten(table: dict, prefix: str = "") -> list[tuple[str, object]]:
     out = []
     for key, value in table.items():
         name = f"{prefix}{key}"
-        out += _flatten(value, name + ".") if isinstance(value, dict) else [(name, value)]
+        nested = isinstance(value, dict) and not _is_per_device(value)
+        out += _flatten(value, name + ".") if nested else [(name, value)]
     return out
 
 

@@ -1,5 +1,5 @@
-"""The regression gate: a run's metrics (bench/sources.py) against a stored baseline, under a
-thresholds file's rules (bench/thresholds.py), one verdict per rule and metric.
+"""The gate's verdicts, one per rule and metric: a run's metrics (bench/gate/sources.py) against a
+stored baseline under a thresholds file's rules (bench/gate/rules.py), and the gate's table.
 
 Timing enters only as ratios measured within one run, never as seconds from another machine. A
 timing rule that fails may be re-measured once before it counts; a deterministic rule's first
@@ -13,9 +13,9 @@ import statistics
 from dataclasses import dataclass, replace
 
 from bench import report
-from bench.sources import GateError, Metric, Source
+from bench.gate.rules import Rule
+from bench.gate.sources import GateError, Metric, Source
 from bench.suite import Table
-from bench.thresholds import Rule
 
 STATUSES = ("pass", "fail", "missing", "new")  # missing and fail fail the gate
 
@@ -49,11 +49,11 @@ def evaluate(rules: list[Rule], baselines: list[Source], currents: list[Source])
     now, absent = _merge(currents)
     names = sorted(set(base) | set(now))
     _check_one_rule_per_metric(rules, names)
-    run_suites = {s for source in currents for s in source.suites}
+    devices = {s: source.device for source in currents for s in source.suites}
     verdicts = []
     for rule in rules:
-        if rule.suite not in run_suites:
-            continue
+        if rule.suite not in devices or not rule.applies_on(devices[rule.suite]):
+            continue  # listed in the table's caption as not checked
         matched = [n for n in names if rule.matches(n)]
         if not matched:
             verdicts.append(Verdict(rule.pattern, rule, "missing", note="no metric of this name in the baseline or this run"))
@@ -124,13 +124,17 @@ def table(verdicts: list[Verdict], rules: list[Rule], currents: list[Source], no
     rows = [[v.metric, _fmt(v.baseline), _fmt(v.current), f"{v.rule.text}  (line {v.rule.line})", _STYLE[v.status], v.note]
             for v in verdicts]
     counts = ", ".join(f"{sum(v.status == s for v in verdicts)} {s}" for s in STATUSES)
-    run_suites = {s for c in currents for s in c.suites}
-    idle = sorted({r.suite for r in rules} - run_suites)
+    devices = {s: c.device for c in currents for s in c.suites}
+    idle = sorted({r.suite for r in rules} - set(devices))
+    elsewhere = sorted({f"{r.pattern} (line {r.line}, on {', '.join(r.devices)})" for r in rules
+                        if r.suite in devices and not r.applies_on(devices[r.suite])})
     caption = [f"{len(verdicts)} checks: {counts}",
                "timing metrics are ratios within one run; a failed timing rule is re-measured once before it counts",
                *notes]
     if idle:
         caption.append(f"rules for suites not in this run, not checked: {', '.join(idle)}")
+    if elsewhere:
+        caption.append(f"rules for metrics of other devices, not checked: {'; '.join(elsewhere)}")
     title = "Regression gate: " + ", ".join(f"{c.path} ({c.profile})" for c in currents)
     return Table(title, ["metric", "baseline", "current", "rule", "verdict", "note"], rows, caption,
                  justify=["left", "right", "right", "left", "left", "left"])
@@ -154,7 +158,7 @@ def spread_table(sources: list[Source]) -> Table:
     rows = []
     for name in names:
         values = [s.metrics[name].value for s in sources]
-        if not sources[0].metrics[name].timing or name.endswith(("_q1_s", "_q3_s", "_ci_low_s", "_ci_high_s")):
+        if not sources[0].metrics[name].timing:
             continue
         low, high, middle = min(values), max(values), statistics.median(values)
         drift = f"{100 * (high / low - 1):.1f}%" if low > 0 else "-"

@@ -8,13 +8,12 @@ Metric names are ``<suite>.<case>.<metric>`` for a case's figure (``table6.cbn.t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import micro, results
+from bench import pytest_suites, results
 from bench.results import ResultsFileError, RunResult
-
-MICRO_SUITE = "micro"
 
 
 class GateError(ValueError):
@@ -29,10 +28,11 @@ class Metric:
 
 @dataclass(frozen=True)
 class Source:
-    """One results file or micro-benchmark file, reduced to what the gate compares."""
+    """One results file (a harness run or a pytest-benchmark run), reduced to what the gate compares."""
 
     path: str
-    schema: str  # name and version, e.g. "cbn-bench/results v2"
+    schema: str  # name and version, e.g. "cbn-bench/results v4"
+    device: str  # "cpu" or "cuda": which rules apply (bench/gate/rules.py)
     device_class: str
     profile: str
     suites: tuple[str, ...]
@@ -40,6 +40,7 @@ class Source:
     absent: dict[str, str] = field(default_factory=dict)  # "<suite>.<case>" -> why it has no figures
     cpu_model: str = ""
     threads: int | None = None
+    settings: dict[str, list[str]] = field(default_factory=dict)  # suite -> its cases' stored settings
 
     @property
     def kind(self) -> str:
@@ -59,38 +60,35 @@ def from_run(run: RunResult, path: str, stored_version: int) -> Source:
             why = (case.error or "; ".join(case.notes) or "").strip().splitlines()
             absent[f"{case.suite}.{case.case}"] = f"{case.status}: {why[0][:120] if why else ''}".rstrip(": ")
             continue
-        for name, value in case.metrics.items():
-            metrics[f"{case.suite}.{case.case}.{name}"] = Metric(value, timing=name.endswith("_s"))
+        for name, metric in case.metrics.items():
+            metrics[f"{case.suite}.{case.case}.{name}"] = Metric(metric.value, metric.timing)
     for d in run.derived:
-        metrics[f"{d.suite}.{d.name}"] = Metric(d.value, timing=d.timing)
+        metrics[f"{d.suite}.{d.name}"] = Metric(d.value, d.timing)
+    settings: dict[str, set[str]] = {}
+    for case in run.cases:
+        if "settings" in case.params:
+            settings.setdefault(case.suite, set()).add(json.dumps(case.params["settings"], sort_keys=True))
     e = run.environment
-    return Source(path, f"{run.schema} v{stored_version}", device_class(run.device, e.device_name), run.profile,
-                  tuple(run.suites), metrics, absent, e.cpu_model, e.threads)
-
-
-def from_micro(run: micro.MicroRun) -> Source:
-    references = run.reference_norms
-    metrics = {f"{MICRO_SUITE}.{group}.{norm}/{references[group]} time ratio": Metric(value, timing=True)
-               for (group, norm), value in run.ratios().items() if norm != references[group]}
-    e = run.environment
-    return Source(run.path, f"{micro.SCHEMA} v{run.schema_version}", device_class(run.device, e.get("device_name", "")),
-                  run.profile, (MICRO_SUITE,), metrics, {}, e.get("cpu_model", ""), e.get("threads"))
+    return Source(path, f"{run.schema} v{stored_version}", "cpu" if run.device == "cpu" else "cuda",
+                  device_class(run.device, e.device_name), run.profile, tuple(run.suites), metrics, absent,
+                  e.cpu_model, e.threads, {suite: sorted(texts) for suite, texts in settings.items()})
 
 
 def load_source(path: str | Path) -> Source:
-    """A cbn-bench results file or a micro-benchmark JSON, told apart by their content."""
+    """A cbn-bench results file or a pytest-benchmark JSON, told apart by their content."""
     data = results.read_json(Path(path), "results file")
     if results.is_results_file(data):
         run, stored = results.parse(data, str(path))
         return from_run(run, str(path), stored)
     try:
-        return from_micro(micro.from_json(data, str(path)))
+        run = pytest_suites.from_json(data, str(path))
     except ResultsFileError:
         raise ResultsFileError(f"{path}: neither a cbn-bench results file nor a micro-benchmark file") from None
+    return from_run(run, str(path), run.schema_version)
 
 
 def baseline_path(folder: Path, source_kind: str, device_cls: str, profile: str) -> Path:
-    name = "micro.json" if source_kind == micro.SCHEMA else f"{profile}.json"
+    name = "micro.json" if source_kind == pytest_suites.SCHEMA else f"{profile}.json"
     return folder / device_cls / name
 
 
@@ -122,6 +120,11 @@ def check_comparable(baseline: Source, current: Source) -> list[str]:
                    f"compare with a baseline of {what} {new!r} (python -m bench baseline makes one), or rerun at {old!r}")
             raise GateError(f"refusing to compare: the baseline {baseline.path} is {what} {old!r}, the current "
                             f"{current.path} is {new!r}; {fix}")
+    for suite in sorted(set(baseline.settings) & set(current.settings)):
+        if baseline.settings[suite] != current.settings[suite]:
+            raise GateError(f"refusing to compare: {suite} in the baseline {baseline.path} was measured with other "
+                            f"settings than in {current.path} (same profile name {current.profile!r}, changed "
+                            "definition); re-measure the baseline (python -m bench baseline)")
     notes = []
     if baseline.cpu_model != current.cpu_model:
         notes.append(f"CPU differs from the baseline's ({baseline.cpu_model!r} vs {current.cpu_model!r}): "

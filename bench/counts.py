@@ -1,0 +1,70 @@
+"""Stored deterministic counts (FLOPs, multiply-adds) that do not depend on the device.
+
+Counting FLOPs of a detection model at 1333x800 takes minutes of host time (fvcore's trace and
+FlopCounterMode), which a lent GPU should not spend. `python -m bench counts` measures a suite's
+cases on the CPU and stores the counts a suite names in its ``COUNTS`` under
+``results/counts/<suite>.json``, keyed by the case's full settings and the torch and torchvision
+releases; a later run with the same key reuses them and says so in each case's notes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.results import ResultsFileError, read_json, write_atomic
+
+SCHEMA = "cbn-bench/counts"
+SCHEMA_VERSION = 1
+DEFAULT_FOLDER = Path("results") / "counts"
+
+
+def release(version: str | None) -> str | None:
+    """'2.11.0+cu130' -> '2.11.0': the build's CUDA flavour does not change what is counted."""
+    return None if version is None else version.split("+", 1)[0]
+
+
+def key(params: dict, torch_version: str, torchvision_version: str | None) -> str:
+    return json.dumps({"params": params, "torch": release(torch_version), "torchvision": release(torchvision_version)},
+                      sort_keys=True)
+
+
+def _path(folder: Path, suite: str) -> Path:
+    return folder / f"{suite}.json"
+
+
+def load(folder: Path, suite: str) -> dict[str, dict]:
+    """key -> stored entry (metrics, where and when counted); empty when nothing is stored."""
+    path = _path(folder, suite)
+    if not path.exists():
+        return {}
+    data = read_json(path, "counts file")
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
+        raise ResultsFileError(f"{path}: not a {SCHEMA} v{SCHEMA_VERSION} file; delete it and rerun `python -m bench counts`")
+    return {key(e["params"], e["torch"], e["torchvision"]): e for e in data["entries"]}
+
+
+def lookup(folder: Path, suite: str, params: dict, torch_version: str, torchvision_version: str | None) -> dict | None:
+    return load(folder, suite).get(key(params, torch_version, torchvision_version))
+
+
+def save(folder: Path, suite: str, measured: list[tuple[dict, dict]], torch_version: str,
+         torchvision_version: str | None, device_name: str) -> Path:
+    """Add (params, metrics) pairs to the suite's store, replacing entries of the same key."""
+    entries = load(folder, suite)
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for params, metrics in measured:
+        entries[key(params, torch_version, torchvision_version)] = {
+            "params": params, "torch": release(torch_version), "torchvision": release(torchvision_version),
+            "metrics": metrics, "counted_on": device_name, "date_utc": date,
+        }
+    path = _path(folder, suite)
+    data = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "entries": sorted(entries.values(), key=lambda e: json.dumps(e["params"], sort_keys=True))}
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def note(entry: dict) -> str:
+    return (f"counts ({', '.join(sorted(entry['metrics']))}) reused from results/counts, counted on {entry['counted_on']} "
+            f"on {entry['date_utc'][:10]} with torch {entry['torch']}, torchvision {entry['torchvision']}, same settings")

@@ -1,0 +1,65 @@
+"""Typed metrics: each says its kind (a deterministic count, a timing, an observed peak) and unit.
+
+A timing keeps its raw samples with its summary beside them (as pytest-benchmark keeps ``stats``
+with ``data``), and its value is the median. Nothing downstream reads a kind from a name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bench.stats import summarize
+
+KINDS = ("count", "timing", "peak")
+# count: repeats exactly for the same settings and versions (FLOPs, counted bytes, parameters);
+# timing: seconds, noisy, compared only as ratios within one run; peak: an observed high-water
+# mark (allocator or RSS peak), repeatable to within allocator behaviour.
+UNITS = ("flop", "mac", "byte", "s", "1")
+
+
+@dataclass(frozen=True)
+class Metric:
+    value: float
+    kind: str
+    unit: str
+    samples: tuple[float, ...] = ()  # timing only: every raw sample, seconds
+    summary: dict[str, float] | None = None  # timing only: n, median, q1, q3, ci_low, ci_high
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"metric kind {self.kind!r}: choose one of {', '.join(KINDS)}")
+        if self.unit not in UNITS:
+            raise ValueError(f"metric unit {self.unit!r}: choose one of {', '.join(UNITS)}")
+        if (self.kind == "timing") != bool(self.samples):
+            raise ValueError("a timing metric has samples, and only a timing metric has them")
+
+    @property
+    def timing(self) -> bool:
+        return self.kind == "timing"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["samples"] = list(self.samples)
+        if not self.timing:
+            del data["samples"], data["summary"]
+        return data
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Metric:
+        return Metric(data["value"], data["kind"], data["unit"], tuple(data.get("samples", ())), data.get("summary"))
+
+
+def count(value: float, unit: str) -> Metric:
+    return Metric(value, "count", unit)
+
+
+def peak(value: float, unit: str = "byte") -> Metric:
+    return Metric(value, "peak", unit)
+
+
+def timing(samples: list[float]) -> Metric:
+    """A timing from raw samples (seconds): value = median, with quartiles and a bootstrap 95% CI."""
+    s = summarize(samples)
+    summary = {"n": s.n, "median": s.median, "q1": s.q1, "q3": s.q3, "ci_low": s.ci_low, "ci_high": s.ci_high}
+    return Metric(s.median, "timing", "s", tuple(samples), summary)
