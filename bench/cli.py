@@ -7,12 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import counts, env, pytest_suites, report, results, session
+from bench import counts, env, profiling, pytest_suites, report, results, session
 from bench.gate import commands as gate_commands
 from bench.session import console
 from bench.suite import Table, load_suite
 
 PROFILE_HELP = "sizes to run at: paper (default on CUDA), cpu (default without GPU), quick, smoke"
+PROFILES_OUT = Path("results") / "profiles"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,6 +48,19 @@ def parser() -> argparse.ArgumentParser:
     recover = sub.add_parser("recover", help="turn the journal of a run that died into its results file")
     recover.add_argument("journal", type=Path, help="the .<run>.journal.jsonl file left in the results folder")
     recover.add_argument("--out", type=Path, help="folder for the results file (default: the journal's)")
+
+    prof = sub.add_parser("profile", help="where each norm's step time goes (torch.profiler), side by side with a reference norm")
+    prof.add_argument("--suite", choices=["table6", "micro"], default="table6",
+                      help="table6: the detection training step; micro: one conv + norm layer step (default: table6)")
+    prof.add_argument("--norm", action="append", metavar="NORM", help="a norm to profile (repeatable; default: cbn)")
+    prof.add_argument("--against", default="bn", metavar="NORM", help="the reference norm (default: bn)")
+    prof.add_argument("--profile", help=PROFILE_HELP + " (table6 only)")
+    prof.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
+    prof.add_argument("--steps", type=int, default=3, help="profiled steps per norm, after 2 unrecorded ones (default: 3)")
+    prof.add_argument("--inference", action="store_true", help="also profile inference steps (table6)")
+    prof.add_argument("--memory", action="store_true", help="also write a CUDA allocator snapshot per norm (CUDA only)")
+    prof.add_argument("--out", type=Path, default=PROFILES_OUT, help=f"folder for the report and traces (default: {PROFILES_OUT})")
+    _suite_options(prof)
 
     micro = sub.add_parser("micro", help="run the pytest-benchmark layer micro-benchmarks")
     micro.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
@@ -101,6 +115,7 @@ COMMANDS = {
     "counts": lambda a: count(a),
     "recover": lambda a: recover(a),
     "micro": lambda a: micro(a),
+    "profile": lambda a: profile(a),
     "gate": gate_commands.gate_command,
     "baseline": gate_commands.baseline_command,
     "spread": gate_commands.spread_command,
@@ -158,6 +173,43 @@ def count(args: argparse.Namespace) -> int:
 def recover(args: argparse.Namespace) -> int:
     paths = session.recover(args.journal, args.out)
     console.print("results written to:\n" + "\n".join(f"  {path}" for path in paths))
+    return 0
+
+
+def profile(args: argparse.Namespace) -> int:
+    norms = list(dict.fromkeys([args.against, *(args.norm or ["cbn"])]))
+    if args.steps < 1:
+        raise ValueError("--steps must be at least 1")
+    device = args.device or env.best_device()
+    if args.suite == "micro":
+        from suites import micro as micro_suite
+
+        cases, module, profile_name = micro_suite.cases(norms), "suites.micro", device
+    else:
+        p = session.plan(["table6"], args.profile, device, options=suite_options(args, {"table6": load_suite(
+            session.suite_registry(), "table6")}))
+        by_name = {c.name: c for c in p.cases}
+        unknown = [n for n in norms if n not in by_name]
+        if unknown:
+            raise ValueError(f"table6 at profile {p.profile} has no norm {unknown[0]!r}; it has {', '.join(by_name)}")
+        cases, module, profile_name = [by_name[n] for n in norms], session.suite_registry()["table6"], p.profile
+    session.check_writable(args.out)
+    environment = env.capture(device)
+    kinds = ["train"] + (["inference"] if args.inference and args.suite == "table6" else [])
+    stem = args.out / f"{session.stamp()}_{args.suite}_{profile_name}_{results.slug(environment.device_name)}"
+    console.print(f"profiling {', '.join(norms)} ({args.suite}, {profile_name}) on {environment.device_name}: "
+                  f"{args.steps} steps each after 2 unrecorded ones ...")
+    found = profiling.run(cases, module, device, kinds, args.steps, args.memory, stem)
+    title = f"{args.suite} {profile_name} on {environment.device_name}"
+    shown = [t for kind in kinds for t in profiling.tables(found, args.against, kind, title)]
+    report.print_tables(shown, console)
+    notes = [] if device == "cuda" or not args.memory else ["--memory: the allocator snapshot is CUDA-only; none written"]
+    settings = {"suite": args.suite, "profile": profile_name, "device": device, "reference": args.against,
+                "steps": args.steps, "cases": {c.name: c.params for c in cases}}
+    written = profiling.store(stem, shown, found, settings, environment, notes)
+    console.print("written:\n" + "\n".join(f"  {path}" for path in written))
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]")
     return 0
 
 

@@ -45,8 +45,12 @@ class Workload(Protocol):
     def warmup(self) -> None: ...
 
     def timed_round(self) -> dict[str, float]:
-        """One sample, in seconds, of each timed quantity (e.g. train_step_s, inference_s)."""
+        """One sample, in seconds, of each timed quantity (e.g. train_step_time, inference_time)."""
         ...
+
+    # Optional, for `python -m bench profile`: kind of step ("train", "inference") -> one step,
+    # called after warmup() (bench/profiling.py):
+    # def profiled_steps(self) -> dict[str, Callable[[], object]]: ...
 
 
 @dataclass(frozen=True)

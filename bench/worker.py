@@ -17,10 +17,12 @@ import os
 import resource
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 
 from bench.mathmodes import MathModes
+from bench.profiling import profile_steps
 from bench.suite import Case
 
 
@@ -70,11 +72,27 @@ def _run(workload, request: dict, device: str) -> dict:
         result = {}
     elif command == "round":
         result = {"samples": timed_calls(workload, request.get("kept", 1), request.get("discarded", 0))}
+    elif command == "profile":
+        result = {"profiles": profiled(workload, request, torch.device(device))}
     else:
         raise ValueError(f"unknown worker command {command!r}")
     if cuda and request.get("empty_cache"):
         torch.cuda.empty_cache()  # the group's workers do not fit together with warm caches
     return result
+
+
+def profiled(workload, request: dict, device: torch.device) -> dict[str, dict]:
+    """Each requested kind of step (workload.profiled_steps()) under torch.profiler (bench/profiling.py)."""
+    steps = workload.profiled_steps()
+    out = {}
+    for kind in request["kinds"]:
+        if kind not in steps:
+            raise ValueError(f"this workload profiles {', '.join(steps)} steps, not {kind!r}")
+        trace = Path(f"{request['stem']}_{kind}.trace.json.gz")
+        snapshot = Path(f"{request['stem']}_{kind}.memory.pickle") if request.get("memory") and device.type == "cuda" else None
+        summary = profile_steps(steps[kind], request["steps"], device, trace, snapshot)
+        out[kind] = {**summary, "trace": str(trace), "memory_snapshot": None if snapshot is None else str(snapshot)}
+    return out
 
 
 def timed_calls(workload, kept: int, discarded: int) -> dict[str, list[float]]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import cbn
+from bench.suite import Case
 from suites.constants import CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE, WINDOW
 from suites.gradpath import naive_bytes_estimate
 
@@ -48,34 +49,72 @@ def _skip_unless_it_fits(norm: str, shape: tuple[int, ...], device: torch.device
         pytest.skip(f"the dense path needs about {need / 2**30:.0f} GiB at {shape}, over the {budget / 2**30:.0f} GiB budget")
 
 
+class LayerStep:
+    """One training iteration of a conv + norm block: forward, and backward for "forward+backward"."""
+
+    def __init__(self, norm: str, shape: tuple[int, ...], device: torch.device, op: str = "forward+backward") -> None:
+        self.block = conv_norm_block(norm, shape[1], device)
+        self.params = list(self.block.parameters())
+        self.x = torch.randn(shape, device=device)
+        self.grad = torch.randn(shape, device=device)
+        self.op = op
+
+    def __call__(self) -> None:
+        # Each call is a new training iteration for CBN, whose window advances when its conv's
+        # weight is updated in place: bump the parameters' version counters, values unchanged.
+        for p in self.params:
+            torch.autograd.graph.increment_version(p)
+            p.grad = None
+        out = self.block(self.x)
+        if self.op == "forward+backward":
+            out.backward(self.grad)
+
+    def fill_window(self) -> None:
+        for _ in range(WINDOW + 1):  # CBN's window is full from here on
+            self()
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("op", OPS)
 def test_conv_norm(benchmark, request: pytest.FixtureRequest, micro_device: torch.device, op: str, norm: str) -> None:
     shape = SHAPES[micro_device.type]
     _skip_unless_it_fits(norm, shape, micro_device)
-    block = conv_norm_block(norm, shape[1], micro_device)
-    params = list(block.parameters())
-    x = torch.randn(shape, device=micro_device)
-    grad = torch.randn(shape, device=micro_device)
+    layer_step = LayerStep(norm, shape, micro_device, op)
     # With bench.cuda_clock (what `python -m bench micro` passes on CUDA) the clock waits for the
     # device itself, so calls queue back to back as in training.
-    event_clock = request.config.getoption("benchmark_timer", None) is not None and \
-        "cuda_clock" in str(request.config.getoption("benchmark_timer"))
+    event_clock = "cuda_clock" in str(request.config.getoption("benchmark_timer", ""))
 
     def step() -> None:
-        # Each call is a new training iteration for CBN, whose window advances when its conv's
-        # weight is updated in place: bump the parameters' version counters, values unchanged.
-        for p in params:
-            torch.autograd.graph.increment_version(p)
-            p.grad = None
-        out = block(x)
-        if op == "forward+backward":
-            out.backward(grad)
+        layer_step()
         if micro_device.type == "cuda" and not event_clock:
             torch.cuda.synchronize(micro_device)  # time the kernels, not their launch
 
-    for _ in range(WINDOW + 1):  # CBN's window is full from here on
-        step()
+    layer_step.fill_window()
     benchmark.group = op
     benchmark.extra_info.update(norm=norm, reference=norm == REFERENCE, shape_nchw=list(shape))
     benchmark(step)
+
+
+# ---------------------------------------------------------------------- for `python -m bench profile --suite micro`
+class LayerWorkload:
+    """The micro-benchmark's forward+backward step as a worker's workload (bench/profiling.py)."""
+
+    def __init__(self, norm: str, device: str) -> None:
+        self.step = LayerStep(norm, SHAPES[torch.device(device).type], torch.device(device))
+
+    def warmup(self) -> None:
+        self.step.fill_window()
+
+    def profiled_steps(self) -> dict[str, LayerStep]:
+        return {"train": self.step}
+
+
+def cases(norms: list[str]) -> list[Case]:
+    unknown = [n for n in norms if n not in NORMS]
+    if unknown:
+        raise ValueError(f"the micro-benchmarks have no norm {unknown[0]!r}; they have {', '.join(NORMS)}")
+    return [Case("micro", norm, {"norm": norm}) for norm in norms]
+
+
+def build(case: Case, device: str) -> LayerWorkload:
+    return LayerWorkload(case.params["norm"], device)

@@ -4,6 +4,7 @@ each norm in a detection model, with ratios to BN and the paper's ratios beside 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,7 @@ class DetectionWorkload:
     def __init__(self, params: dict, device: str) -> None:
         self.profile = profile_of(params)
         self.known_counts: dict | None = None
+        self.steps_done = 0
         self.device = torch.device(device)
         p = self.profile
         spec = DetectorSpec(
@@ -134,6 +136,7 @@ class DetectionWorkload:
         return sum(self.model(self.images, self.targets).values())
 
     def train_step(self) -> None:
+        self.steps_done += 1
         self.loss().backward()
         self.optimizer.step()
         self.scheduler.step()
@@ -187,11 +190,14 @@ class DetectionWorkload:
                 "peak_rss_bytes": peak(memory.peak_rss_bytes())}
 
     def warmup(self) -> None:
-        for _ in range(self.profile.warmup_steps):
+        for _ in range(max(self.profile.warmup_steps, WINDOW + 1 - self.steps_done)):  # and CBN's window full
             self.train_step()
         self.inference()
         self.inference()
         synchronize(self.device)
+
+    def profiled_steps(self) -> dict[str, Callable[[], None]]:
+        return {"train": self.train_step, "inference": self.inference}
 
     def timed_round(self) -> dict[str, float]:
         return {"train_step_time": time_call(self.train_step, self.device),

@@ -75,9 +75,12 @@ def test_the_install_step_puts_carried_wheels_first_and_checks_every_import(tmp_
 def test_the_script_runs_end_to_end_on_a_cpu_at_smoke_size(tmp_path):
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])  # the wrapper runs python3
     done = subprocess.run([str(ROOT / "tools" / "gpu-run"), "--device", "cpu", "--profile", "smoke", "--skip-micro",
-                           "--out", str(tmp_path / "runs"), "--baselines", str(tmp_path / "baselines")],
+                           "--out", str(tmp_path / "runs"), "--baselines", str(tmp_path / "baselines"),
+                           "--profiles", str(tmp_path / "profiles")],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200, env=dict(os.environ, PATH=path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "gpu-run plan on cpu" in done.stdout and "estimated total" in done.stdout
     assert (tmp_path / "baselines" / "cpu" / "smoke.json").exists()
     assert len(list((tmp_path / "runs").glob("*_smoke_*.json"))) == 1
+    assert "profiling CBN against BN" in done.stdout  # time was left within the budget
+    assert len(list((tmp_path / "profiles").glob("*_table6_smoke_*.md"))) == 1

@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 9 * 60
+PROFILE_STEPS = 3
 NEEDED = ("torch", "torchvision", "fvcore", "rich", "pytest", "pytest_benchmark", "pynvml", "matplotlib")
 SITE = Path(os.environ.get("TMPDIR", "/tmp")) / "cbn-bench-site"
 
@@ -113,6 +114,14 @@ def estimate(cases: list, known: set[tuple[str, str]], device: str, with_micro: 
     return total, lines
 
 
+def profile_seconds(device: str, steps: int = PROFILE_STEPS) -> float:
+    """CBN against BN under torch.profiler: two workers, the window filled, 2 unrecorded + steps."""
+    from suites.table6 import WINDOW
+
+    costs = COSTS[device]
+    return 2 * (costs.worker_start_s + (WINDOW + 1 + 2 + steps) * costs.train_step_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/gpu-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -121,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", type=Path, default=Path("results") / "baselines", help="where the baseline goes")
     parser.add_argument("--out", type=Path, default=Path("results") / "runs", help="where the run goes")
     parser.add_argument("--skip-micro", action="store_true", help="no micro-benchmarks")
+    parser.add_argument("--profiles", type=Path, default=Path("results") / "profiles",
+                        help="where the CBN-against-BN profile goes, when time allows after the baseline")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"refuse a plan estimated above this (default {BUDGET_S})")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimate, run nothing")
     args = parser.parse_args(argv)
@@ -135,18 +146,28 @@ def main(argv: list[str] | None = None) -> int:
     known = set(session.known_counts(plan, env.capture(args.device)))
     seconds, lines = estimate(plan.cases, known, args.device, not args.skip_micro)
     print(f"gpu-run plan on {env.device_name(args.device)}, profile {args.profile}:", *lines, sep="\n  ")
-    print(f"  estimated total: {seconds / 60:.1f} min (budget {args.budget_s / 60:.1f} min)", flush=True)
+    print(f"  estimated total: {seconds / 60:.1f} min (budget {args.budget_s / 60:.1f} min); then, if time allows, "
+          f"a CBN-against-BN profile (about {profile_seconds(args.device) / 60:.1f} min)", flush=True)
     if seconds > args.budget_s:
         raise SystemExit(f"gpu-run: the plan's estimate, {seconds:.0f} s, is over the budget of {args.budget_s:.0f} s: "
                          "lower the profile's rounds or raise --budget-s")
     if args.dry_run:
         return 0
-    before = _files(args.out, args.baselines)
+    before = _files(args.out, args.baselines, args.profiles)
     command = [sys.executable, "-m", "bench", "baseline", "--profile", args.profile, "--device", args.device,
                "--out", str(args.out), "--folder", str(args.baselines)] + (["--skip-micro"] if args.skip_micro else [])
     print("running:", " ".join(command), flush=True)
     code = subprocess.run(command).returncode
-    written = sorted(_files(args.out, args.baselines) - before)
+    left = args.budget_s - (time.perf_counter() - started)
+    if left >= profile_seconds(args.device):
+        command = [sys.executable, "-m", "bench", "profile", "--profile", args.profile, "--device", args.device,
+                   "--steps", str(PROFILE_STEPS), "--out", str(args.profiles)]
+        print(f"{left:.0f} s of the budget left: profiling CBN against BN:", " ".join(command), flush=True)
+        code = max(code, subprocess.run(command).returncode)
+    else:
+        print(f"gpu-run: {left:.0f} s of the budget left, too little to profile CBN against BN "
+              f"(about {profile_seconds(args.device):.0f} s)", flush=True)
+    written = sorted(_files(args.out, args.baselines, args.profiles) - before)
     print(f"gpu-run: exit {code} after {time.perf_counter() - started:.0f} s; wrote:", *written, sep="\n  ")
     return code
 
