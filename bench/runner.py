@@ -152,9 +152,9 @@ class _GroupRun:
                 self._step(case, "building", lambda c=case: self._start(c))
             for case in self._live():
                 self._step(case, "measuring memory and FLOPs", lambda c=case: self._measure(c))
+            self._decide_cache_policy()  # from the measured peaks, before warm-up grows the caches
             for case in self._live():
                 self._step(case, "warming up", lambda c=case: self._warmup(c))
-            self._decide_cache_policy()
             for r in range(max(c.rounds for c in self.group)):
                 for case in sampling.rotated(self._live(), r):
                     if r < case.rounds:

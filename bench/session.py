@@ -121,7 +121,7 @@ def known_counts(p: Plan, environment: results.Environment) -> dict[tuple[str, s
     """Stored device-independent counts (bench/counts.py) for the plan's cases, where the key matches."""
     known = {}
     for name, suite in p.suites.items():
-        if not getattr(suite, "COUNTS", ()):
+        if not suite.COUNTS:
             continue
         stored = counts.load(counts.DEFAULT_FOLDER, name)
         for case in (c for c in p.cases if c.suite == name):
@@ -136,7 +136,7 @@ def count(p: Plan, threads: int | None, folder: Path) -> list[Path]:
     environment = env.capture(p.device)
     written = []
     for name, suite in p.suites.items():
-        names = getattr(suite, "COUNTS", ())
+        names = suite.COUNTS
         if not names:
             console.print(f"{name}: stores no counts (its suite names no COUNTS); skipped")
             continue
