@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -200,12 +201,11 @@ def profile(args: argparse.Namespace) -> int:
     console.print(f"profiling {', '.join(norms)} ({args.suite}, {profile_name}) on {environment.device_name}: "
                   f"{args.steps} steps each after 2 unrecorded ones ...")
     found = profiling.run(cases, module, device, kinds, args.steps, args.memory, stem)
-    title = f"{args.suite} {profile_name} on {environment.device_name}"
-    shown = [t for kind in kinds for t in profiling.tables(found, args.against, kind, title)]
-    report.print_tables(shown, console)
-    notes = [] if device == "cuda" or not args.memory else ["--memory: the allocator snapshot is CUDA-only; none written"]
     settings = {"suite": args.suite, "profile": profile_name, "device": device, "reference": args.against,
                 "steps": args.steps, "cases": {c.name: c.params for c in cases}}
+    shown = profiling.tables_of({**settings, "environment": dataclasses.asdict(environment), "profiles": found})
+    report.print_tables(shown, console)
+    notes = [] if device == "cuda" or not args.memory else ["--memory: the allocator snapshot is CUDA-only; none written"]
     written = profiling.store(stem, shown, found, settings, environment, notes)
     console.print("written:\n" + "\n".join(f"  {path}" for path in written))
     for note in notes:
@@ -259,6 +259,9 @@ def compare_table(previous: results.RunResult, current: results.RunResult) -> Ta
 
 def show(path: Path) -> int:
     data = results.read_json(path, "results file")
+    if isinstance(data, dict) and data.get("schema") == profiling.SCHEMA:
+        report.print_tables(profiling.tables_of(data), console)
+        return 0
     if pytest_suites.is_pytest_benchmark_file(data):
         run_result = pytest_suites.from_json(data, str(path))
         console.print("\n".join(session.preamble(run_result)))

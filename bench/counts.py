@@ -41,7 +41,8 @@ def load(folder: Path, suite: str) -> dict[str, dict]:
         return {}
     data = read_json(path, "counts file")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
-        raise ResultsFileError(f"{path}: not a {SCHEMA} v{SCHEMA_VERSION} file; delete it and rerun `python -m bench counts`")
+        raise ResultsFileError(f"{path}: not a {SCHEMA} v{SCHEMA_VERSION} file; "
+                               "delete it and rerun `python -m bench counts`")
     return {key(e["params"], e["torch"], e["torchvision"]): e for e in data["entries"]}
 
 
@@ -60,7 +61,8 @@ def save(folder: Path, suite: str, measured: list[tuple[dict, dict]], torch_vers
             "metrics": metrics, "counted_on": device_name, "date_utc": date,
         }
     path = _path(folder, suite)
-    data = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "entries": sorted(entries.values(), key=lambda e: json.dumps(e["params"], sort_keys=True))}
+    ordered = sorted(entries.values(), key=lambda e: json.dumps(e["params"], sort_keys=True))
+    data = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "entries": ordered}
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return path
 

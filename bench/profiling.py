@@ -128,6 +128,7 @@ def run(cases: list, suite_module: str, device: str, kinds: list[str], steps: in
     for case in cases:
         worker = Worker(case, suite_module, device, None)
         try:
+            worker.request("warmup")  # CBN's window full, caches and algorithms settled
             reply = worker.request("profile", kinds=kinds, steps=steps, memory=memory, stem=f"{stem}_{case.name}")
         except WorkerError as err:
             raise ValueError(f"profiling {case.suite}/{case.name} failed: {err}") from None
@@ -179,8 +180,16 @@ def tables(profiles: dict[str, dict[str, dict]], reference: str, kind: str, titl
     caption = [f"{n}: {overhead(summaries[n], summaries[reference])}" for n in names[1:]]
     caption.append("each operator's self time goes to one group: the innermost CBN label around it (cbn.layer."
                    "PROFILER_LABELS), else its kind; the groups add up to the total")
-    split = Table(f"{title}: where each {kind} step's time goes (ms per step, share)", ["group", *names], group_rows, caption)
+    split = Table(f"{title}: where each {kind} step's time goes (ms per step, share)", ["group", *names],
+                  group_rows, caption)
     return [top, split]
+
+
+def tables_of(data: dict) -> list:
+    """The report's tables from a stored profile (what `store` writes), for every kind of step in it."""
+    title = f"{data['suite']} {data['profile']} on {data['environment']['device_name']}"
+    kinds = list(dict.fromkeys(kind for found in data["profiles"].values() for kind in found))
+    return [t for kind in kinds for t in tables(data["profiles"], data["reference"], kind, title)]
 
 
 def _share(ms: float, total: float) -> str:

@@ -20,8 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import sampling
-from bench.mathmodes import DEFAULT as DEFAULT_MATH_MODES, MathModes
+from bench import mathmodes, sampling
 from bench.results import CaseResult
 from bench.metrics import Metric, timing
 from bench.suite import Case
@@ -37,7 +36,7 @@ class Worker:
     """A `python -m bench.worker` process holding one built case."""
 
     def __init__(self, case: Case, suite_module: str, device: str, threads: int | None,
-                 math_modes: MathModes = DEFAULT_MATH_MODES, known_counts: dict | None = None) -> None:
+                 known_counts: dict | None = None) -> None:
         self.case = case
         self._stderr = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -46,7 +45,7 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env,
         )
         start = {"case": dataclasses.asdict(case), "suite_module": suite_module, "device": device, "threads": threads,
-                 "math_modes": math_modes.to_dict(), "known_counts": known_counts}
+                 "math_modes": mathmodes.DEFAULT.to_dict(), "known_counts": known_counts}
         self._send(start)
         self._receive(case.timeout_s)
 

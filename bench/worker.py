@@ -1,8 +1,9 @@
 """One benchmark case in its own process, driven by the runner over a JSON-lines pipe.
 
-The runner writes commands (``measure``, ``warmup``, ``round``, ``exit``) to stdin and reads one
-JSON reply per command from the original stdout; everything the case prints goes to stderr, so
-the protocol cannot be corrupted. An exception becomes an error reply, and the process exits.
+The runner writes commands (``measure``, ``warmup``, ``round``, ``profile``, ``exit``) to stdin
+and reads one JSON reply per command from the original stdout; everything the case prints goes to
+stderr, so the protocol cannot be corrupted. An exception becomes an error reply, and the process
+exits.
 
 On CUDA the worker empties its caching allocator after ``measure`` (the next case is measured
 alone), and after ``warmup`` and ``round`` only when the runner says so (bench/sampling.py): a

@@ -122,7 +122,8 @@ class StatGradWorkload:
     def measure(self) -> Measurement:
         p, c, k = self.profile, self.params["channels"], self.params["kernel"]
         if self.params["path"] == "naive":
-            budget = p.naive_budget_bytes or int(CUDA_NAIVE_BUDGET_SHARE * torch.cuda.get_device_properties(self.device).total_memory)
+            total = None if p.naive_budget_bytes else torch.cuda.get_device_properties(self.device).total_memory
+            budget = p.naive_budget_bytes or int(CUDA_NAIVE_BUDGET_SHARE * total)
             need = naive_bytes_estimate(c, k, p.batch, p.height_px, p.width_px)
             if need > budget:
                 reason = (f"skipped: the dense path needs about {report.fmt_bytes(need)}, over the "

@@ -44,7 +44,10 @@ def _skip_unless_it_fits(norm: str, shape: tuple[int, ...], device: torch.device
         return
     n, c, h, w = shape
     need = naive_bytes_estimate(c, 3, n, h, w)
-    budget = CPU_NAIVE_BUDGET_BYTES if device.type == "cpu" else int(CUDA_NAIVE_BUDGET_SHARE * torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu":
+        budget = CPU_NAIVE_BUDGET_BYTES
+    else:
+        budget = int(CUDA_NAIVE_BUDGET_SHARE * torch.cuda.get_device_properties(device).total_memory)
     if need > budget:
         pytest.skip(f"the dense path needs about {need / 2**30:.0f} GiB at {shape}, over the {budget / 2**30:.0f} GiB budget")
 

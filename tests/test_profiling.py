@@ -70,6 +70,9 @@ def test_profiling_the_layer_step_writes_traces_and_a_report(tmp_path, capsys):
     assert {"CBN statistic gradients", "CBN record history", "CBN normalize"} <= set(data["profiles"]["cbn"]["train"]["groups_ms"])
     out = " ".join(capsys.readouterr().out.split())
     assert "cbn: overhead = " in out and "the allocator snapshot is CUDA-only" in out
+    (stored,) = tmp_path.glob("*.json")
+    assert cli.main(["show", str(stored)]) == 0  # the report renders again from the stored file
+    assert "where each train step's time goes" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.slow
