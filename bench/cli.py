@@ -182,18 +182,7 @@ def profile(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError("--steps must be at least 1")
     device = args.device or env.best_device()
-    if args.suite == "micro":
-        from suites import micro as micro_suite
-
-        cases, module, profile_name = micro_suite.cases(norms), "suites.micro", device
-    else:
-        p = session.plan(["table6"], args.profile, device, options=suite_options(args, {"table6": load_suite(
-            session.suite_registry(), "table6")}))
-        by_name = {c.name: c for c in p.cases}
-        unknown = [n for n in norms if n not in by_name]
-        if unknown:
-            raise ValueError(f"table6 at profile {p.profile} has no norm {unknown[0]!r}; it has {', '.join(by_name)}")
-        cases, module, profile_name = [by_name[n] for n in norms], session.suite_registry()["table6"], p.profile
+    cases, module, profile_name = _profiled_cases(args, norms, device)
     session.check_writable(args.out)
     environment = env.capture(device)
     kinds = ["train"] + (["inference"] if args.inference and args.suite == "table6" else [])
@@ -211,6 +200,21 @@ def profile(args: argparse.Namespace) -> int:
     for note in notes:
         console.print(f"[yellow]{note}[/yellow]")
     return 0
+
+
+def _profiled_cases(args: argparse.Namespace, norms: list[str], device: str) -> tuple[list, str, str]:
+    """The cases to profile, the module that builds them in the worker, and the profile's name."""
+    if args.suite == "micro":
+        from suites import micro as micro_suite
+
+        return micro_suite.cases(norms), "suites.micro", device
+    registry = session.suite_registry()
+    p = session.plan(["table6"], args.profile, device, options=suite_options(args, {"table6": load_suite(registry, "table6")}))
+    by_name = {c.name: c for c in p.cases}
+    unknown = [n for n in norms if n not in by_name]
+    if unknown:
+        raise ValueError(f"table6 at profile {p.profile} has no norm {unknown[0]!r}; it has {', '.join(by_name)}")
+    return [by_name[n] for n in norms], registry["table6"], p.profile
 
 
 def micro(args: argparse.Namespace) -> int:
