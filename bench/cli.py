@@ -186,7 +186,7 @@ def profile(args: argparse.Namespace) -> int:
     session.check_writable(args.out)
     environment = env.capture(device)
     kinds = ["train"] + (["inference"] if args.inference and args.suite == "table6" else [])
-    stem = args.out / f"{session.stamp()}_{args.suite}_{profile_name}_{results.slug(environment.device_name)}"
+    stem = args.out / f"{results.stamp()}_{args.suite}_{profile_name}_{results.slug(environment.device_name)}"
     console.print(f"profiling {', '.join(norms)} ({args.suite}, {profile_name}) on {environment.device_name}: "
                   f"{args.steps} steps each after 2 unrecorded ones ...")
     found = profiling.run(cases, module, device, kinds, args.steps, args.memory, stem)

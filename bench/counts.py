@@ -46,10 +46,6 @@ def load(folder: Path, suite: str) -> dict[str, dict]:
     return {key(e["params"], e["torch"], e["torchvision"]): e for e in data["entries"]}
 
 
-def lookup(folder: Path, suite: str, params: dict, torch_version: str, torchvision_version: str | None) -> dict | None:
-    return load(folder, suite).get(key(params, torch_version, torchvision_version))
-
-
 def save(folder: Path, suite: str, measured: list[tuple[dict, dict]], torch_version: str,
          torchvision_version: str | None, device_name: str) -> Path:
     """Add (params, metrics) pairs to the suite's store, replacing entries of the same key."""

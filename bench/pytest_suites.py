@@ -18,10 +18,10 @@ import importlib
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.metrics import Metric
+from bench import results
 from bench.results import CaseResult, Derived, Environment, ResultsFileError, RunResult, read_json, slug
 from bench.stats import quartiles, ratio_of_medians
 from bench.suite import Table
@@ -48,7 +48,7 @@ def run(suite: str, device: str, out: Path, threads: int | None = None) -> tuple
                          "(or use python3 -m nox -s micro)") from None
     benchmark_file = registry()[suite]
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = results.stamp()
     partial = out / f".{stamp}_{suite}.json.partial"
     command = [sys.executable, "-m", "pytest", str(benchmark_file), "-p", "no:cacheprovider", "-q",
                f"--benchmark-json={partial}", f"--micro-device={device}", *TIMING_OPTIONS]

@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,11 @@ def save_new(run: RunResult, folder: Path, stem: str) -> Path:
         raise FileExistsError(f"no free results file name for {stem} in {folder}")
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def stamp() -> str:
+    """The UTC time that starts every stored file's name."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
 def slug(text: str) -> str:

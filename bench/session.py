@@ -10,7 +10,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 
@@ -64,11 +63,6 @@ def plan(names: list[str], profile: str | None, device: str | None, rounds: int 
     return Plan(names, suites, device, profile, cases)
 
 
-def stamp() -> str:
-    """The UTC time that starts every results file name."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-
 def check_writable(folder: Path) -> None:
     """Fail before measuring, not after, when the results cannot be written."""
     try:
@@ -95,7 +89,7 @@ def execute(p: Plan, threads: int | None, out: Path) -> tuple[results.RunResult,
     known = known_counts(p, environment)
     if known:
         console.print(f"reusing stored counts for {len(known)} of {len(p.cases)} cases ({counts.DEFAULT_FOLDER})")
-    stem = f"{stamp()}_{p.profile}_{results.slug(environment.device_name)}"
+    stem = f"{results.stamp()}_{p.profile}_{results.slug(environment.device_name)}"
     log = journal.start(journal.path_for(out, stem), {"stem": stem, "profile": p.profile, "device": p.device,
                                                       "suites": p.names, "environment": dataclasses.asdict(environment)})
     case_results, interrupted = _run_with_progress(p.cases, suite_registry(), p.device, threads, known,

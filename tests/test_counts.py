@@ -5,18 +5,23 @@ import pytest
 from bench import counts
 from bench.results import ResultsFileError
 
+def lookup(folder, suite, params, torch_version, torchvision_version):
+    """What a run finds for a case (bench/session.py's known_counts: the store loaded once, then by key)."""
+    return counts.load(folder, suite).get(counts.key(params, torch_version, torchvision_version))
+
+
 PARAMS = {"profile": "paper", "settings": {"height_px": 800, "width_px": 1333}, "norm": "cbn"}
 
 
 def test_counts_are_reused_for_the_same_settings_and_releases_only(tmp_path):
     counts.save(tmp_path, "table6", [(PARAMS, {"train_step_flops": 9.1e12})], "2.11.0+cpu", "0.26.0", "cpu: test")
-    entry = counts.lookup(tmp_path, "table6", PARAMS, "2.11.0+cu130", "0.26.0+cu130")  # another build, same release
+    entry = lookup(tmp_path, "table6", PARAMS, "2.11.0+cu130", "0.26.0+cu130")  # another build, same release
     assert entry["metrics"] == {"train_step_flops": 9.1e12} and entry["counted_on"] == "cpu: test"
     assert "reused from results/counts, counted on cpu: test" in counts.note(entry)
     other_size = {**PARAMS, "settings": {"height_px": 512, "width_px": 512}}
-    assert counts.lookup(tmp_path, "table6", other_size, "2.11.0", "0.26.0") is None
-    assert counts.lookup(tmp_path, "table6", PARAMS, "2.15.0", "0.29.2") is None
-    assert counts.lookup(tmp_path, "gradpath", PARAMS, "2.11.0", "0.26.0") is None  # nothing stored
+    assert lookup(tmp_path, "table6", other_size, "2.11.0", "0.26.0") is None
+    assert lookup(tmp_path, "table6", PARAMS, "2.15.0", "0.29.2") is None
+    assert lookup(tmp_path, "gradpath", PARAMS, "2.11.0", "0.26.0") is None  # nothing stored
 
 
 def test_saving_again_replaces_the_entry_of_the_same_key(tmp_path):
