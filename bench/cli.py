@@ -83,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
     baseline = sub.add_parser("baseline", help="measure and store the baselines the gate compares with")
     baseline.add_argument("--folder", type=Path, default=gate_commands.BASELINES,
                           help=f"where baselines live (default: {gate_commands.BASELINES})")
+    baseline.add_argument("suites", nargs="*", metavar="SUITE",
+                          help="suites to measure (default: every suite and the micro-benchmarks)")
     baseline.add_argument("--skip-micro", action="store_true", help="leave the micro-benchmark baseline as it is")
     _measure_options(baseline)
 

@@ -3,8 +3,9 @@
 Counting FLOPs of a detection model at 1333x800 takes minutes of host time (fvcore's trace and
 FlopCounterMode), which a lent GPU should not spend. `python -m bench counts` measures a suite's
 cases on the CPU and stores the counts a suite names in its ``COUNTS`` under
-``results/counts/<suite>.json``, keyed by the case's full settings and the torch and torchvision
-releases; a later run with the same key reuses them and says so in each case's notes.
+``results/counts/<suite>.json``, keyed by the case's full settings, the torch and torchvision
+releases and a digest of the cbn package's source (a change to the layer changes what is counted);
+a later run with the same key reuses them and says so in each case's notes.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ def release(version: str | None) -> str | None:
     return None if version is None else version.split("+", 1)[0]
 
 
-def key(params: dict, torch_version: str, torchvision_version: str | None) -> str:
-    return json.dumps({"params": params, "torch": release(torch_version), "torchvision": release(torchvision_version)},
-                      sort_keys=True)
+def key(params: dict, torch_version: str, torchvision_version: str | None, cbn_source: str | None) -> str:
+    return json.dumps({"params": params, "torch": release(torch_version), "torchvision": release(torchvision_version),
+                       "cbn_source": cbn_source}, sort_keys=True)
 
 
 def _path(folder: Path, suite: str) -> Path:
@@ -43,18 +44,18 @@ def load(folder: Path, suite: str) -> dict[str, dict]:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
         raise ResultsFileError(f"{path}: not a {SCHEMA} v{SCHEMA_VERSION} file; "
                                "delete it and rerun `python -m bench counts`")
-    return {key(e["params"], e["torch"], e["torchvision"]): e for e in data["entries"]}
+    return {key(e["params"], e["torch"], e["torchvision"], e.get("cbn_source")): e for e in data["entries"]}
 
 
 def save(folder: Path, suite: str, measured: list[tuple[dict, dict]], torch_version: str,
-         torchvision_version: str | None, device_name: str) -> Path:
+         torchvision_version: str | None, cbn_source: str, device_name: str) -> Path:
     """Add (params, metrics) pairs to the suite's store, replacing entries of the same key."""
     entries = load(folder, suite)
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for params, metrics in measured:
-        entries[key(params, torch_version, torchvision_version)] = {
+        entries[key(params, torch_version, torchvision_version, cbn_source)] = {
             "params": params, "torch": release(torch_version), "torchvision": release(torchvision_version),
-            "metrics": metrics, "counted_on": device_name, "date_utc": date,
+            "cbn_source": cbn_source, "metrics": metrics, "counted_on": device_name, "date_utc": date,
         }
     path = _path(folder, suite)
     ordered = sorted(entries.values(), key=lambda e: json.dumps(e["params"], sort_keys=True))
@@ -65,4 +66,5 @@ def save(folder: Path, suite: str, measured: list[tuple[dict, dict]], torch_vers
 
 def note(entry: dict) -> str:
     return (f"counts ({', '.join(sorted(entry['metrics']))}) reused from results/counts, counted on {entry['counted_on']} "
-            f"on {entry['date_utc'][:10]} with torch {entry['torch']}, torchvision {entry['torchvision']}, same settings")
+            f"on {entry['date_utc'][:10]} with torch {entry['torch']}, torchvision {entry['torchvision']}, "
+            f"cbn source {entry.get('cbn_source')}, same settings")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import shlex
 import subprocess
@@ -43,7 +44,19 @@ def capture(device: str, argv: list[str] | None = None) -> Environment:
         date_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=shlex.join([Path(sys.executable).name, "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
         optional_tools={name: _version(name) or "not installed" for name in OPTIONAL_TOOLS},
+        cbn_source=cbn_source_digest(),
     )
+
+
+def cbn_source_digest() -> str:
+    """The first 12 hex digits of a SHA-256 over the cbn package's source files: what CBN computes,
+    and so what FLOP counters see, changes with it (stored counts are keyed by it, bench/counts.py)."""
+    import cbn
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(cbn.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def device_name(device: str) -> str:

@@ -3,7 +3,8 @@ run them in a pytest subprocess and read their JSON as an ordinary run.
 
 pytest-benchmark writes one JSON file per run; the suite's conftest adds cbn-bench's environment
 under ``machine_info["cbn_bench"]``. Read back, each benchmark is a case ``<group>/<norm>`` with a
-timing metric ``time`` (every sample kept), and each norm's ratio to the group's reference
+timing metric ``time`` (every sample kept) and the counts its extra_info holds (``COUNTED``), and
+each norm's ratio to the group's reference
 (``extra_info["reference"]``) is a derived figure ``<group>.<norm>/<reference> time ratio``, so
 the gate treats these files like any results file.
 
@@ -20,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.metrics import Metric
+from bench.metrics import Metric, count
 from bench import results
 from bench.results import CaseResult, Derived, Environment, ResultsFileError, RunResult, read_json, slug
 from bench.stats import quartiles, ratio_of_medians
@@ -31,6 +32,8 @@ SCHEMA_VERSION = 1
 # Every sample is kept (pytest-benchmark stores them under stats.data), so any statistic can be redone.
 TIMING_OPTIONS = ("--benchmark-warmup=on", "--benchmark-min-rounds=10", "--benchmark-max-time=1.0",
                   "--benchmark-disable-gc", "--benchmark-sort=name")
+# Deterministic counts a benchmark may store in its extra_info (bench/dispatch.py): read as count metrics.
+COUNTED = ("aten_ops", "host_syncs")
 # On CUDA a sample is the device's time between two CUDA events, over at least 10 ms of calls.
 CUDA_TIMING_OPTIONS = ("--benchmark-timer=bench.cuda_clock.now", "--benchmark-min-time=0.01")
 
@@ -103,8 +106,9 @@ def _case(benchmark: dict) -> CaseResult:
     extra = benchmark["extra_info"]
     params = {"group": benchmark["group"], "norm": extra["norm"], "reference": bool(extra.get("reference")),
               "shape_nchw": extra.get("shape_nchw")}
-    return CaseResult("micro", f"{benchmark['group']}/{extra['norm']}", params, "ok",
-                      metrics={"time": Metric(median, "timing", "s", samples, summary)})
+    metrics = {"time": Metric(median, "timing", "s", samples, summary)}
+    metrics.update({name: count(extra[name], "1") for name in COUNTED if name in extra})
+    return CaseResult("micro", f"{benchmark['group']}/{extra['norm']}", params, "ok", metrics=metrics)
 
 
 def _ratios(cases: list[CaseResult]) -> list[Derived]:

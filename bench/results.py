@@ -50,6 +50,7 @@ class Environment:
     date_utc: str
     command: str
     optional_tools: dict[str, str] = field(default_factory=dict)  # tool -> version, or why it is missing
+    cbn_source: str | None = None  # digest of the cbn package's source (bench/env.py); None in older files
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,8 @@ def known_counts(p: Plan, environment: results.Environment) -> dict[tuple[str, s
             continue
         stored = counts.load(counts.DEFAULT_FOLDER, name)
         for case in (c for c in p.cases if c.suite == name):
-            entry = stored.get(counts.key(case.params, environment.torch_version, environment.torchvision_version))
+            entry = stored.get(counts.key(case.params, environment.torch_version, environment.torchvision_version,
+                                          environment.cbn_source))
             if entry is not None and set(suite.COUNTS) <= set(entry["metrics"]):
                 known[(name, case.name)] = entry
     return known
@@ -147,13 +148,16 @@ def count(p: Plan, threads: int | None, folder: Path) -> list[Path]:
             console.print(f"  {metrics} in {time.perf_counter() - started:.0f} s", highlight=False)
             measured.append((case.params, metrics))
         written.append(counts.save(folder, name, measured, environment.torch_version, environment.torchvision_version,
-                                   environment.device_name))
+                                   environment.cbn_source, environment.device_name))
     return written
 
 
 def counts_from_run(path: Path, folder: Path) -> list[Path]:
     """Store the counts a results file measured (its cases' stored settings are the key)."""
     run_result = results.load(path)
+    if run_result.environment.cbn_source is None:
+        raise ValueError(f"{path}: the run recorded no cbn source digest (it predates them), so its counts cannot be "
+                         "matched to the layer's code; count again with `python -m bench counts`")
     registry = suite_registry()
     written = []
     for name in run_result.suites:
@@ -162,7 +166,7 @@ def counts_from_run(path: Path, folder: Path) -> list[Path]:
                     if c.status == "ok" and "settings" in c.params and set(names) <= set(c.metrics)]
         if measured:
             e = run_result.environment
-            written.append(counts.save(folder, name, measured, e.torch_version, e.torchvision_version,
+            written.append(counts.save(folder, name, measured, e.torch_version, e.torchvision_version, e.cbn_source,
                                        f"{e.device_name} (from {path.name})"))
     return written
 

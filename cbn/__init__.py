@@ -1,12 +1,13 @@
 """Cross-Iteration Batch Normalization: the layer, model conversion and norm-layer factories."""
 
 from cbn.convert import convert, find_conv_pairs
-from cbn.layer import CrossIterationBatchNorm2d
+from cbn.layer import CrossIterationBatchNorm2d, check_finite
 from cbn.norms import NORM_LAYERS, norm_layer, suggested_window
 
 __all__ = [
     "CrossIterationBatchNorm2d",
     "NORM_LAYERS",
+    "check_finite",
     "convert",
     "find_conv_pairs",
     "norm_layer",

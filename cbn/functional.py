@@ -19,23 +19,26 @@ G1 = sum(g) and G2 = sum(g * (x - mu_bar)):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, int]:
+def combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor | int]:
     """Eq. 9-11: average the current statistics with the compensated past ones.
 
-    var_bar = mean_j max(var_j, 0) + mean_j (mu_j - mu_bar)^2, which equals Eq. 10-11's
-    mean_j max(nu_j, mu_j^2) - mu_bar^2 without its cancellation (the past var_j are clamped).
+    past is (means, variances, weights) of the k-1 history slots: a weight is 1 for an entry in
+    the window and 0 for an empty or invalid slot, whose mean and variance are 0. The entry count
+    is then 1 + sum(weights), computed on the device. var_bar = mean_j max(var_j, 0) +
+    mean_j (mu_j - mu_bar)^2, which equals Eq. 10-11's mean_j max(nu_j, mu_j^2) - mu_bar^2 without
+    its cancellation (the past var_j are clamped).
     """
     if past is None:
         return mean, var, 1
-    past_mean, past_var = (p.to(mean.dtype) for p in past)
-    entries = 1 + past_mean.shape[0]
-    mean_bar = (mean + past_mean.sum(0)) / entries
-    spread = (mean - mean_bar).square() + (past_mean - mean_bar).square().sum(0)
+    past_mean, past_var, weights = (_to(p, mean.dtype) for p in past)
+    entries = weights.sum() + 1
+    mean_bar = (mean + past_mean.sum(0)) / entries  # weight-0 slots hold zeros
+    current, others = mean - mean_bar, past_mean - mean_bar
+    spread = torch.addmv(current * current, (others * others).transpose(0, 1), weights)
     var_bar = (var + past_var.sum(0) + spread) / entries
     return mean_bar, var_bar, entries
 
@@ -44,43 +47,54 @@ def _stats_input(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, without dispatching anything when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class CrossIterationNorm(torch.autograd.Function):
-    """(x, gamma, beta, past_mean, past_var, eps) -> (y, mu, var, mu_bar, var_bar); only y is
-    differentiable. past_* are (entries, C) or None; the statistics are float32 or float64."""
+    """(x, gamma, beta, past_mean, past_var, past_weights, eps) -> (y, mu, var, mu_bar, var_bar,
+    count), count being the window's examples per channel (n M); only y is differentiable. past_*
+    are combine()'s past (means, variances, weights), or None; the statistics are float32 or
+    float64. (Separate arguments, not a tuple: jit tracing, which fvcore uses, passes only
+    top-level tensors.)"""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, past_mean, past_var, eps):
+    def forward(ctx, x, weight, bias, past_mean, past_var, past_weights, eps):
         x_stats = _stats_input(x)
         mean, var = torch.batch_norm_update_stats(x_stats, None, None, 0.0)
-        past = None if past_mean is None else (past_mean, past_var)
+        past = None if past_mean is None else (past_mean, past_var, past_weights)
         mean_bar, var_bar, entries = combine(mean, var, past)
-        out = F.batch_norm(x, mean_bar, var_bar, weight, bias, False, 0.0, eps)
-        ctx.save_for_backward(x, weight, mean, mean_bar, var_bar)
-        ctx.entries, ctx.eps = entries, eps
-        ctx.mark_non_differentiable(mean, var, mean_bar, var_bar)
-        return out, mean, var, mean_bar, var_bar
+        count = entries * (x.numel() // x.shape[1])
+        out = torch.native_batch_norm(x, weight, bias, mean_bar, var_bar, False, 0.0, eps)[0]
+        ctx.save_for_backward(x, weight, mean_bar, var_bar)
+        ctx.count, ctx.eps = count, eps
+        ctx.set_materialize_grads(False)  # the statistics' (always None) gradients stay None
+        ctx.mark_non_differentiable(mean, var, mean_bar, var_bar, *([count] if isinstance(count, Tensor) else []))
+        return out, mean, var, mean_bar, var_bar, count
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, *unused):
-        x, weight, mean, mean_bar, var_bar = ctx.saved_tensors
-        n, eps = ctx.entries, ctx.eps
+        if grad_out is None:  # y was not used; nothing flows back
+            return None, None, None, None, None, None, None
+        x, weight, mean_bar, var_bar = ctx.saved_tensors
+        count, eps = ctx.count, ctx.eps
         x_stats, g = _stats_input(x), _stats_input(grad_out)
-        m = x.numel() // x.shape[1]
         r = torch.rsqrt(var_bar + eps)
-        gamma = torch.ones_like(r) if weight is None else weight.to(r.dtype)
-        # One fused reduction: with save_mean = mu_bar and invstd = 1, BN's backward returns
-        # sum(g * (x - mu_bar)) as its weight gradient and sum(g) as its bias gradient.
-        _, g2, g1 = torch.ops.aten.native_batch_norm_backward(
-            g, x_stats, torch.ones_like(r), None, None, mean_bar, torch.ones_like(r), True, eps, [False, True, True])
-        d_mean_bar = -gamma * r * g1
-        d_var_bar = -0.5 * gamma * r.pow(3) * g2
-        d_mean = (d_mean_bar + d_var_bar * 2.0 * (mean - mean_bar)) / n
-        d_var = d_var_bar / n
-        # b (x - mu) + a in one pass: the inference batch-norm kernel with var = 1 - eps.
-        a, b = d_mean / m, 2.0 * d_var / m
-        grad_x = F.batch_norm(x_stats, mean, torch.full_like(r, 1.0 - eps), b, a, False, 0.0, eps)
-        grad_x.addcmul_(g, (gamma * r).view(1, -1, 1, 1))
-        grad_weight = None if weight is None else (r * g2).to(weight.dtype)
-        grad_bias = None if weight is None else g1.to(weight.dtype)
-        return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None
+        # One fused reduction: with save_mean = mu_bar and save_invstd = r, BN's backward returns
+        # r * sum(g * (x - mu_bar)) = r G2, which is dL/d gamma, and G1 = sum(g), which is dL/d beta.
+        _, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            g, x_stats, None, None, None, mean_bar, r, True, eps, [False, True, True])
+        # With s = -gamma r / (n M) (n M = count): b = 2 dL/d var / M = s r^2 G2 and
+        # a = dL/d mu / M = s G1 + b (mu - mu_bar); dL/dx = gamma r g + b (x - mu) + a
+        #                 = gamma r g + b x + (s G1 - b mu_bar), per channel, in two fused passes.
+        gamma_r = r if weight is None else _to(weight, r.dtype) * r
+        s = gamma_r / -count
+        b = s * r * grad_gamma
+        shift = torch.addcmul(s * grad_beta, b, mean_bar, value=-1.0)
+        grad_x = torch.addcmul(shift.view(-1, 1, 1), x_stats, b.view(-1, 1, 1))
+        grad_x.addcmul_(g, gamma_r.view(-1, 1, 1))
+        grad_weight = None if weight is None else _to(grad_gamma, weight.dtype)
+        grad_bias = None if weight is None else _to(grad_beta, weight.dtype)
+        return _to(grad_x, x.dtype), grad_weight, grad_bias, None, None, None, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
 from cbn.functional import CrossIterationNorm
-from cbn.statgrad import GRAD_PATHS, ConvGeometry
+from cbn.statgrad import GRAD_PATHS, ConvGeometry, linear_at
 
 _UNSET = object()  # the current iteration's compensated window has not been computed yet
 
@@ -70,11 +71,25 @@ class CrossIterationBatchNorm2d(nn.Module):
     training call of an iteration is recorded (calls under ``torch.no_grad()`` never are). A conv
     that is never updated therefore never advances the window. Save checkpoints between iterations.
 
+    Non-finite batches, decided without asking the host: a training step never waits for the
+    device (no host synchronization), so the layer cannot raise when a batch's statistics are inf or
+    nan. Such a batch is normalized as BatchNorm2d would normalize it (its output is not finite
+    either), its history entry is stored with weight 0, so it never enters a later window, running
+    statistics keep their values in every channel whose window statistics are not finite, and the
+    batch is counted on the device in ``nonfinite_batches``. The count is read at two well-defined
+    points: ``model.eval()`` (``train(False)``) warns once per layer with new non-finite batches, and
+    ``cbn.check_finite(model)`` raises FloatingPointError naming the layers; call it where you read
+    the loss anyway. (A batch whose statistics sum overflows float32 also counts as non-finite.)
+
+    One training step dispatches the same ops whatever the window: all past slots are compensated
+    at once, in two batched contractions, and weighted by their validity on the device.
+
     The layer must be bound to the nn.Conv2d whose output it normalizes (``bind`` or ``cbn.convert``)
     before it trains with compensation. It checks at run time that its input is that conv's output.
     """
 
-    _version = 1
+    # 2: history_valid (one flag per slot) added; a version-1 state gets it from its slot iterations.
+    _version = 2
 
     def __init__(
         self,
@@ -113,6 +128,10 @@ class CrossIterationBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        # Recorded batches whose statistics were not finite (kept out of every window); counted on
+        # the device so that no training step waits for the host. See check_finite().
+        self.register_buffer("nonfinite_batches", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
+        self._nonfinite_reported = 0
         # History of past iterations, one slot per past step (window - 1 slots), allocated on first
         # use; None buffers are neither saved nor loaded.
         for field in self._history_fields():
@@ -174,16 +193,17 @@ class CrossIterationBatchNorm2d(nn.Module):
                 past = self._past_window()
             return self._normalize_with_window(x, past, self._should_record(), captured)
 
-    def _normalize_with_window(self, x: Tensor, past: tuple[Tensor, Tensor] | None, record: bool, captured: tuple | None) -> Tensor:
-        past_mean, past_var = past if past is not None else (None, None)
+    def _normalize_with_window(self, x: Tensor, past: tuple[Tensor, Tensor, Tensor] | None, record: bool,
+                               captured: tuple | None) -> Tensor:
         with profiled("cbn::normalize"):
-            out, mean, var, mean_bar, var_bar = CrossIterationNorm.apply(x, self.weight, self.bias, past_mean, past_var, self.eps)
+            past_mean, past_var, past_weights = past if past is not None else (None, None, None)
+            out, mean, var, mean_bar, var_bar, count = CrossIterationNorm.apply(
+                x, self.weight, self.bias, past_mean, past_var, past_weights, self.eps)
         if record:
             with profiled("cbn::record_history"):
                 self._record(x, mean, var, captured)
-        entries = 1 if past is None else 1 + past[0].shape[0]
         with profiled("cbn::running_stats"):
-            self._update_running_stats(mean_bar, var_bar, entries * (x.numel() // x.shape[1]))
+            self._update_running_stats(mean_bar, var_bar, count)
         return out
 
     def _batch_norm(self, x: Tensor) -> Tensor:
@@ -193,12 +213,15 @@ class CrossIterationBatchNorm2d(nn.Module):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor | int) -> None:
+        """BN's update from the window statistics; a channel whose statistics are not finite keeps
+        its running statistics (decided on the device: no host sync)."""
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * (count / max(count - 1, 1))
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        unbiased = var * (count / max(count - 1, 1) if isinstance(count, int) else count / (count - 1).clamp_min(1))
+        finite = _finite(mean + unbiased)  # inf - inf and nan + x are nan: one test for both
+        self.running_mean.lerp_(_as(torch.where(finite, mean, self.running_mean), self.running_mean), momentum)
+        self.running_var.lerp_(_as(torch.where(finite, unbiased, self.running_var), self.running_var), momentum)
 
     # ------------------------------------------------------------------ iterations and history
     def _clock(self) -> tuple[int, ...]:
@@ -230,66 +253,77 @@ class CrossIterationBatchNorm2d(nn.Module):
         t = self._iteration
         return [s for s, it in enumerate(self._slot_iterations) if it >= 0 and t - self.window < it < t]
 
+    def _drop_stale_slots(self) -> None:
+        """Empty the slots that left the window (after an iteration that recorded nothing), so that
+        every filled slot is in the window and the window is always all slots, weighed by validity."""
+        keep = self._past_slots()
+        for s, it in enumerate(self._slot_iterations):
+            if it >= 0 and s not in keep:
+                self.history_valid[s].fill_(False)
+                self._slot_iterations[s] = -1
+
     @torch.no_grad()
-    def _past_window(self) -> tuple[Tensor, Tensor] | None:
-        """Compensated (mean, var) of the past iterations in the window, computed once per iteration."""
+    def _past_window(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """This iteration's compensated past (mean, var) for every slot, (k-1, C) each, and the slots'
+        weights (1 for a recorded finite entry, 0 otherwise; the mean and var of a weight-0 slot
+        are 0). Computed once per iteration, for all slots at once: no per-slot ops."""
         if self._window_cache is not _UNSET:
             return self._window_cache
-        slots = self._past_slots()
         window = None
-        if slots:
-            means, variances = [], []
-            weight, bias = self._current_conv_params()
-            for s in slots:
-                mean, var = self.history_mean[s], self.history_var[s]
-                if self.compensate:
-                    mean, var = self._compensate(s, mean, var, weight, bias)
-                means.append(mean)
-                variances.append(var)
-            window = (torch.stack(means), torch.stack(variances))
+        if self.history_mean is not None:
+            self._drop_stale_slots()
+            mean, var = self.history_mean, self.history_var
+            if self.compensate:
+                mean, var = self._compensate(mean, var)
+            # A fresh tensor: the cache must not see a later record in this iteration.
+            weights = self.history_valid.to(mean.dtype)
+            keep, zero = self.history_valid.unsqueeze(1), mean.new_zeros(())
+            window = (torch.where(keep, mean, zero), torch.where(keep, var, zero), weights)
         self._window_cache = window
         return window
 
-    def _compensate(self, slot: int, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _compensate(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """Eq. 7-8 for all slots: the recorded (mean, var) moved to the current conv weights."""
         path = GRAD_PATHS[self.grad_path]
-        fields = {f: getattr(self, "history_" + f)[slot] for f in path.field_shapes(self._geometry())}
+        fields = {f: getattr(self, "history_" + f) for f in path.field_shapes(self._geometry())}
+        weight, bias = self._current_conv_params(mean.dtype)
         lin_mean, lin_sq = path.linear(fields, weight, bias, mean)
-        d_mean = lin_mean - self.history_offset_mean[slot]
-        d_sq = lin_sq - self.history_offset_sq[slot]
+        d_mean = lin_mean - self.history_offset_mean
+        d_sq = lin_sq - self.history_offset_sq
         # var(theta_t) = nu + d_nu - (mu + d_mu)^2 with nu = var + mu^2; the clamp is Eq. 10's max.
-        var_now = (var + d_sq - 2.0 * mean * d_mean - d_mean.square()).clamp_min(0.0)
+        var_now = (var + d_sq).sub_(d_mean * torch.add(d_mean, mean, alpha=2.0)).clamp_min_(0.0)
         return mean + d_mean, var_now
 
-    def _current_conv_params(self) -> tuple[Tensor | None, Tensor | None]:
-        if not self.compensate:
-            return None, None
+    def _current_conv_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """The bound conv's weight and bias as constants in the statistics' dtype (callers run
+        under no_grad, so no detach is needed; no copy when the dtype already matches)."""
         conv = self._require_conv()
-        dtype = self.history_mean.dtype
-        bias = None if conv.bias is None else conv.bias.detach().to(dtype)
-        return conv.weight.detach().to(dtype), bias
+        bias = None if conv.bias is None else _to(conv.bias, dtype)
+        return _to(conv.weight, dtype), bias
 
     @torch.no_grad()
     def _record(self, x: Tensor, mean: Tensor, var: Tensor, captured: tuple | None) -> None:
-        """Store this iteration's statistics (and what compensating them later needs) in its slot."""
+        """Store this iteration's statistics (and what compensating them later needs) in its slot.
+
+        The entry's validity is decided on the device: a non-finite entry is stored with weight 0,
+        so it never enters a window, and counted in ``nonfinite_batches``; no host sync."""
         entry = {"mean": mean, "var": var}
         if self.compensate:
             with profiled("cbn::statistic_gradients"):
                 entry.update(self._statistic_gradients(x, mean, captured))
-        finite = torch.stack([torch.isfinite(v).all() for v in (mean, var, *entry.values())]).all()
-        if not bool(finite):  # one host sync per recorded step: the history must stay clean
-            raise FloatingPointError(
-                f"{self._label()}: non-finite batch statistics at training iteration {self._iteration}; "
-                "they were not recorded, so the history is unchanged. Check the input for inf/nan "
-                "(a diverging loss or a too-high learning rate are the usual causes)."
-            )
+        # The (C,) fields suffice: a non-finite gradient field makes its offset non-finite too
+        # (inf * w and nan * w are never finite), so the |W|-sized fields need no test of their own.
+        small = [entry[f] for f in ("mean", "var", "offset_mean", "offset_sq") if f in entry]
+        total = torch.cat(small).sum()  # not finite exactly when an entry is not (barring overflow)
+        finite = _finite(total)
         slot = self._iteration % (self.window - 1)
+        entry["valid"] = finite
         for field, value in entry.items():
-            buffer = self._history_buffer(field, value)
-            buffer[slot].copy_(value)
+            self._history_buffer(field, value.shape, value)[slot].copy_(value)
+        self.nonfinite_batches.add_(finite.logical_not())
         self._slot_iterations[slot] = self._iteration
 
     def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple | None) -> dict[str, Tensor]:
-        conv = self._require_conv()
         if captured is None or captured[1] is not x:
             bound = f"'{self._conv_name}'" if self._conv_name else "its bound conv"
             raise RuntimeError(
@@ -298,25 +332,23 @@ class CrossIterationBatchNorm2d(nn.Module):
                 "(cbn.convert(model) pairs them), or use compensate=False."
             )
         dtype = mean.dtype  # float32, or float64 for float64 inputs
-        y, x_stats = captured[0].to(dtype), x.to(dtype)
-        geometry = self._geometry()
         path = GRAD_PATHS[self.grad_path]
-        weight = conv.weight.detach().to(dtype)
-        bias = None if conv.bias is None else conv.bias.detach().to(dtype)
-        fields = path.compute(y, x_stats, weight, bias, geometry)
-        offset_mean, offset_sq = path.linear(fields, weight, bias, mean)
+        weight, bias = self._current_conv_params(dtype)
+        fields = path.compute(_to(captured[0], dtype), _to(x, dtype), weight, bias, self._geometry())
+        offset_mean, offset_sq = linear_at(path, fields, weight, bias, mean)
         return {**fields, "offset_mean": offset_mean, "offset_sq": offset_sq}
 
-    def _history_buffer(self, field: str, value: Tensor) -> Tensor:
+    def _history_buffer(self, field: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """The (k-1, *shape) buffer of a history field, allocated as zeros (empty, weight 0) on first use."""
         name = "history_" + field
         buffer = getattr(self, name)
         if buffer is None:
-            buffer = value.new_zeros((self.window - 1, *value.shape))
+            buffer = like.new_zeros((self.window - 1, *shape))
             setattr(self, name, buffer)
         return buffer
 
     def _history_fields(self) -> list[str]:
-        names = ["history_mean", "history_var"]
+        names = ["history_mean", "history_var", "history_valid"]
         if self.compensate and self.window > 1:
             names += ["history_offset_mean", "history_offset_sq"]
             names += ["history_" + f for f in _all_path_fields(self.grad_path)]
@@ -339,10 +371,12 @@ class CrossIterationBatchNorm2d(nn.Module):
 
     @property
     def window_entries(self) -> int:
-        """How many iterations (current included) the current iteration's statistics average."""
+        """How many iterations (current included) the current iteration's statistics average: the
+        in-window slots holding finite statistics. Reading it synchronizes with the device."""
         if self._window_cache is _UNSET:
-            return 1 + len(self._past_slots())
-        return 1 + (0 if self._window_cache is None else self._window_cache[0].shape[0])
+            slots = self._past_slots()
+            return 1 + (int(self.history_valid[slots].sum()) if slots else 0)
+        return 1 + (0 if self._window_cache is None else int(self._window_cache[2].sum()))
 
     def _reset_transients(self) -> None:
         # A new process, a loaded checkpoint or a new binding starts a new iteration at its first
@@ -372,6 +406,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         self._iteration, self._slot_iterations = values[0], values[1:]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        _upgrade_state(state_dict, prefix, local_metadata.get("version"))
         # History buffers are allocated lazily, so give them the stored shapes before loading.
         for name in self._history_fields():
             stored = state_dict.get(prefix + name)
@@ -384,7 +419,6 @@ class CrossIterationBatchNorm2d(nn.Module):
             error_msgs.append(f"{prefix or 'layer'}: saved by a newer CrossIterationBatchNorm2d (state version {version}; "
                               f"this one reads up to {self._version}): upgrade cbn to load it")
             return
-        # Versions up to _version need no conversion yet; a future format change converts here.
         if from_batchnorm:
             self._iteration = -1
             self._slot_iterations = [-1] * (self.window - 1)
@@ -399,6 +433,22 @@ class CrossIterationBatchNorm2d(nn.Module):
         state = self.__dict__.copy()
         state["_captured"] = None  # transient references to one step's activations
         return state
+
+    # ------------------------------------------------------------------ non-finite batches
+    def train(self, mode: bool = True) -> CrossIterationBatchNorm2d:
+        if self.training and not mode:
+            self._warn_nonfinite()  # leaving training: a well-defined point to read the device count
+        return super().train(mode)
+
+    def _warn_nonfinite(self) -> None:
+        count = int(self.nonfinite_batches)
+        if count > self._nonfinite_reported:
+            warnings.warn(
+                f"{self._label()}: {count - self._nonfinite_reported} training batch(es) had non-finite statistics "
+                f"({count} in all); they were kept out of the window (weight 0). A diverging loss or a too-high "
+                "learning rate are the usual causes; cbn.check_finite(model) raises instead.",
+                RuntimeWarning, stacklevel=3)
+            self._nonfinite_reported = count
 
     # ------------------------------------------------------------------ checks and labels
     def _check_input(self, x: Tensor) -> None:
@@ -433,6 +483,43 @@ class CrossIterationBatchNorm2d(nn.Module):
         if self._conv is not None:
             text += f", conv={tuple(self._conv.weight.shape)}"
         return text
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise FloatingPointError if any CBN layer in model has seen a training batch whose statistics
+    were not finite (one host synchronization per layer: call it where you read the loss anyway)."""
+    bad = {m._label(): int(m.nonfinite_batches) for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)}
+    bad = {label: count for label, count in bad.items() if count}
+    if bad:
+        listed = "; ".join(f"{label}: {count}" for label, count in bad.items())
+        raise FloatingPointError(
+            f"non-finite batch statistics (batches per layer) in {listed}. They were kept out of every window, "
+            "but the loss has likely diverged: check the input for inf/nan and lower the learning rate."
+        )
+
+
+def _finite(t: Tensor) -> Tensor:
+    """torch.isfinite in two dispatches instead of eight: t - t is nan exactly where t is inf or
+    nan, and nan is the one value unequal to itself."""
+    difference = t - t
+    return difference == difference
+
+
+def _upgrade_state(state_dict: dict, prefix: str, version: int | None) -> None:
+    """Convert an older layer's state in place. Version 1 had no validity flags; every slot it
+    had filled held finite statistics (it refused non-finite ones)."""
+    if version == 1 and prefix + "history_mean" in state_dict and prefix + "history_valid" not in state_dict:
+        slots = state_dict[prefix + "_extra_state"][1:]
+        state_dict[prefix + "history_valid"] = (slots >= 0).to(state_dict[prefix + "history_mean"].device)
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, without dispatching anything when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _as(t: Tensor, like: Tensor) -> Tensor:
+    return _to(t, like.dtype)
 
 
 def _all_path_fields(grad_path: str) -> list[str]:

@@ -10,9 +10,13 @@ for nu. The layer stores L(theta_past) as an offset when it records the iteratio
 keeps a copy of the past weights (the official code kept one per past step).
 
 * EfficientPath: d mu_j / d theta is zero off the diagonal j and the same (C_in/groups x K) patch
-  mean for every output channel of a group, so it is stored once per group (C_in*K floats in all).
-  d nu_j / d theta_j comes from one weight-gradient convolution with grad_output = 2x/M. A bias adds
-  d mu_j/d b_j = 1 and d nu_j/d b_j = 2 mu_j. Cost: about one conv forward; memory: |W| + C_in*K.
+  mean for every output channel of a group, so it is stored once per group (C_in*K floats in all)
+  and computed by a box filter over the batch-summed input (``patch_mean``). d nu_j / d theta_j
+  comes from one weight-gradient convolution with grad_output = 2x/M. A bias adds d mu_j/d b_j = 1
+  and d nu_j/d b_j = 2 mu_j. Cost: about one conv forward; memory: |W| + C_in*K.
+
+Both evaluate their linear forms for a stack of S recorded iterations at once (``linear``), so the
+layer compensates its whole window with the same few ops whatever the window size.
 * NaivePath: the dense Jacobians d mu/d theta and d nu/d theta (C_out x C_out x C_in/groups x K
   each) from torch.func.jacrev, contracted in full. O(C_out^2 * C_in * K) time and memory: the
   baseline Appendix B improves on, kept as a reference and for the benchmark.
@@ -20,6 +24,7 @@ keeps a copy of the past weights (the official code kept one per past step).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,27 +84,54 @@ class EfficientPath:
         n, _, h, w = x.shape
         m = n * h * w
         geo = [list(geometry.stride), list(geometry.padding), list(geometry.dilation), geometry.groups]
-        groups = geometry.groups
-        _, c_in_per_group, kh, kw = geometry.weight_shape
-        # One output channel per group with grad_output = 1/M: the patch mean of each group.
-        ones = x.new_full((n, groups, h, w), 1.0 / m)
-        grad_mean = conv_weight_grad(y, ones, [groups, c_in_per_group, kh, kw], *geo)
-        grad_sq = conv_weight_grad(y, x * (2.0 / m), list(geometry.weight_shape), *geo)
-        return {"grad_mean": grad_mean, "grad_sq": grad_sq}
+        # d nu / d theta = conv weight gradient with grad_output 2x/M: scale x or the result,
+        # whichever is smaller (x in early layers, the weight in late ones).
+        if x.numel() <= math.prod(geometry.weight_shape):
+            grad_sq = conv_weight_grad(y, x * (2.0 / m), list(geometry.weight_shape), *geo)
+        else:
+            grad_sq = conv_weight_grad(y, x, list(geometry.weight_shape), *geo).mul_(2.0 / m)
+        return {"grad_mean": patch_mean(y, geometry, (h, w)), "grad_sq": grad_sq}
 
     @staticmethod
     def linear(fields: dict[str, Tensor], weight: Tensor, bias: Tensor | None, mean: Tensor) -> tuple[Tensor, Tensor]:
-        """(L_mu, L_nu) at (weight, bias); mean is the uncompensated mean of the recorded iteration."""
+        """(L_mu, L_nu) at (weight, bias), each (S, C), for S recorded iterations at once: fields
+        are stacked (S, ...) and mean (S, C) holds their uncompensated means."""
         grad_mean, grad_sq = fields["grad_mean"], fields["grad_sq"]
-        c_out, groups = weight.shape[0], grad_mean.shape[0]
-        per_group = weight.reshape(groups, c_out // groups, -1)
-        lin_mean = torch.einsum("gk,gok->go", grad_mean.reshape(groups, -1), per_group).reshape(c_out)
-        # Row-wise dot products: a batched (1 x K) @ (K x 1) per channel, with no |W| temporary.
-        lin_sq = torch.einsum("ck,ck->c", grad_sq.reshape(c_out, -1), weight.reshape(c_out, -1))
+        slots, groups = grad_mean.shape[:2]
+        c_out = weight.shape[0]
+        if groups == 1:  # one (S x K) @ (K x C) product
+            lin_mean = torch.mm(grad_mean.view(slots, -1), weight.view(c_out, -1).transpose(0, 1))
+        else:
+            per_group = weight.view(groups, c_out // groups, -1)
+            lin_mean = torch.einsum("sgk,gok->sgo", grad_mean.view(slots, groups, -1), per_group).reshape(slots, c_out)
+        # Row-wise dot products of every slot with the current weight, as one batched product over
+        # channels, (C, 1, K) @ (C, K, S), reading the history in place (each channel's K x S block
+        # is a transposed matrix to BLAS). On a CPU 2.4x faster than a product-and-sum over an
+        # (S, |W|) temporary, and 3.5x faster than (C, S, K) @ (C, K, 1).
+        per_slot = grad_sq.view(slots, c_out, -1).permute(1, 2, 0)
+        lin_sq = torch.bmm(weight.view(c_out, 1, -1), per_slot).view(c_out, slots).transpose(0, 1)
         if bias is not None:
             lin_mean = lin_mean + bias
-            lin_sq = lin_sq + 2.0 * mean * bias
+            lin_sq = torch.addcmul(lin_sq, mean, bias, value=2.0)
         return lin_mean, lin_sq
+
+
+def patch_mean(y: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int]) -> Tensor:
+    """d mu / d theta: the mean, over the conv's N*H'*W' output positions, of the input patch that
+    each weight entry multiplies, per input channel, shaped (groups, C_in/groups, kh, kw).
+
+    That is the conv's weight gradient for grad_output = 1/M, computed more cheaply: sum the input
+    over the batch, then sum each kernel offset's strided grid of positions with one box filter, a
+    conv of the (C_in, 1, H, W) sum with an all-1/M (H' x W') kernel dilated by the conv's stride
+    and strided by its dilation. About N times fewer multiply-adds than the weight gradient, and
+    two to three times faster on a CPU for ResNet's 3x3 layers."""
+    _, c_in_per_group, kh, kw = geometry.weight_shape
+    out_h, out_w = out_hw
+    total = y.sum(0).unsqueeze(1)  # (C_in, 1, H, W)
+    box = total.new_full((1, 1, out_h, out_w), 1.0 / (y.shape[0] * out_h * out_w))
+    sums = F.conv2d(total, box, padding=geometry.padding, stride=geometry.dilation, dilation=geometry.stride)
+    # Only the first kh x kw offsets are kernel positions (the box output can run a row or more past).
+    return sums[:, 0, :kh, :kw].contiguous().view(geometry.groups, c_in_per_group, kh, kw)
 
 
 class NaivePath:
@@ -142,11 +174,12 @@ class NaivePath:
 
     @staticmethod
     def linear(fields: dict[str, Tensor], weight: Tensor, bias: Tensor | None, mean: Tensor) -> tuple[Tensor, Tensor]:
+        """(L_mu, L_nu), each (S, C), for S stacked recorded iterations (see EfficientPath.linear)."""
         del mean  # the dense bias Jacobian already holds 2*mu on its diagonal
-        c_out = weight.shape[0]
+        slots, c_out = fields["jac_mean_weight"].shape[:2]
         flat = weight.reshape(-1)
-        lin_mean = fields["jac_mean_weight"].reshape(c_out, -1) @ flat
-        lin_sq = fields["jac_sq_weight"].reshape(c_out, -1) @ flat
+        lin_mean = fields["jac_mean_weight"].reshape(slots, c_out, -1) @ flat
+        lin_sq = fields["jac_sq_weight"].reshape(slots, c_out, -1) @ flat
         if bias is not None:
             lin_mean = lin_mean + fields["jac_mean_bias"] @ bias
             lin_sq = lin_sq + fields["jac_sq_bias"] @ bias
@@ -154,4 +187,11 @@ class NaivePath:
 
 
 GRAD_PATHS = {"efficient": EfficientPath, "naive": NaivePath}
+
+
+def linear_at(path, fields: dict[str, Tensor], weight: Tensor, bias: Tensor | None, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """(L_mu, L_nu), each (C,), of one recorded iteration: path.linear on a stack of one."""
+    one_slot = {name: value.view(1, *value.shape) for name, value in fields.items()}
+    lin_mean, lin_sq = path.linear(one_slot, weight, bias, mean.view(1, -1))
+    return lin_mean.view(-1), lin_sq.view(-1)
 

@@ -1,4 +1,4 @@
-"""Benchmark definitions: detection models, synthetic data and the suites built on them.
+"""Benchmark definitions: detection and classification models, synthetic data and the suites built on them.
 
 ``SUITES`` is the registry of harness suites (``python -m bench [SUITE ...]``), each a module that
 satisfies ``bench.suite.Suite``; ``PYTEST_SUITES`` names the pytest-benchmark files that
@@ -10,6 +10,7 @@ from pathlib import Path
 SUITES = {
     "table6": "suites.table6",
     "gradpath": "suites.gradpath",
+    "classify": "suites.classify",
 }
 PYTEST_SUITES = {
     "micro": Path(__file__).with_name("micro.py"),

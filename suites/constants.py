@@ -18,3 +18,9 @@ AGREEMENT_TOLERANCE = 1e-3
 # weighs more, measured 1.025-1.062 over five identical runs (results/README.md), hence 1.10.
 STEP_TIME_OVER_FLOPS = "cbn/bn step-time ratio over training-FLOP ratio"
 STEP_TIME_OVER_FLOPS_TARGET = {"cuda": 1.05, "cpu": 1.10}
+
+# The same check on classification backbones (suites/classify.py), where CBN's bookkeeping weighs
+# more: the goal on CPU is ResNet-18 at 4 x 224 px within 8% of its extra FLOPs. Not reached yet
+# (results/README.md), so classify prints its verdict against it while the gate holds the ratio
+# to its baseline.
+CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET = {"cuda": 1.05, "cpu": 1.08}

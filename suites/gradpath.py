@@ -23,7 +23,7 @@ from bench.results import CaseResult, Derived, RunResult, write_atomic
 from bench.stats import loglog_slope, ratio_of_medians
 from bench.suite import Case, Measurement, Table, stored_profile
 from bench.timing import synchronize, time_call
-from cbn.statgrad import GRAD_PATHS, ConvGeometry
+from cbn.statgrad import GRAD_PATHS, ConvGeometry, linear_at
 from suites.constants import AGREEMENT_TOLERANCE, CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE
 
 NAME = "gradpath"
@@ -114,8 +114,8 @@ class StatGradWorkload:
         path = path or self.path
         with torch.no_grad():
             fields = path.compute(self.y, self.x, self.weight, None, self.geometry)
-            now_mean, now_sq = path.linear(fields, self.new_weight, None, self.mean)
-            then_mean, then_sq = path.linear(fields, self.weight, None, self.mean)
+            now_mean, now_sq = linear_at(path, fields, self.new_weight, None, self.mean)
+            then_mean, then_sq = linear_at(path, fields, self.weight, None, self.mean)
             self.stored_bytes = sum(t.numel() * t.element_size() for t in fields.values())
         return now_mean - then_mean, now_sq - then_sq
 

@@ -1,5 +1,8 @@
 """Layer micro-benchmarks for pytest-benchmark: a 3x3 conv and its norm, in training mode, timed
-forward and forward+backward, for BN, GN, CBN (efficient path), CBN (naive dense path) and Naive CBN.
+forward and forward+backward, for BN, GN, CBN (efficient path, k = 2, 4 and 8), CBN (naive dense
+path) and Naive CBN. Each forward+backward benchmark also stores the aten operators and host
+synchronizations one steady-state step dispatches (bench/dispatch.py): deterministic counts the gate
+holds at or below the baseline, so that a per-slot loop or a host sync coming back fails CI.
 
 Run by ``python -m bench micro`` (``python3 -m nox -s micro``), which passes the timing options and
 stores pytest-benchmark's JSON under results/micro/; the unit tests never run them. In each group
@@ -9,11 +12,14 @@ BN's, measured in the same run.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 import cbn
+from bench.dispatch import count_dispatches
 from bench.suite import Case
 from suites.constants import CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE, WINDOW
 from suites.gradpath import naive_bytes_estimate
@@ -23,10 +29,13 @@ NORMS = {  # label -> (cbn.norm_layer name, options)
     "bn": ("bn", {}),
     "gn": ("gn", {}),
     "cbn": ("cbn", {"window": WINDOW}),
+    "cbn-k2": ("cbn", {"window": 2}),  # k = 2 and 8 beside k = 4: CBN's step must not grow with k
+    "cbn-k8": ("cbn", {"window": 8}),
     "cbn-naive-path": ("cbn", {"window": WINDOW, "grad_path": "naive"}),
     "naive-cbn": ("naive_cbn", {"window": WINDOW}),
 }
 REFERENCE = "bn"
+LONGEST_WINDOW = max(options.get("window", 1) for _, options in NORMS.values())
 OPS = ("forward", "forward+backward")
 
 
@@ -73,7 +82,7 @@ class LayerStep:
             out.backward(self.grad)
 
     def fill_window(self) -> None:
-        for _ in range(WINDOW + 1):  # CBN's window is full from here on
+        for _ in range(LONGEST_WINDOW + 1):  # every CBN's window is full from here on
             self()
 
 
@@ -95,6 +104,8 @@ def test_conv_norm(benchmark, request: pytest.FixtureRequest, micro_device: torc
     layer_step.fill_window()
     benchmark.group = op
     benchmark.extra_info.update(norm=norm, reference=norm == REFERENCE, shape_nchw=list(shape))
+    if op == "forward+backward":  # one steady-state training step, counted before it is timed
+        benchmark.extra_info.update(dataclasses.asdict(count_dispatches(layer_step)))
     benchmark(step)
 
 

@@ -4,22 +4,21 @@ each norm in a detection model, with ratios to BN and the paper's ratios beside 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bench import counts, flops, memory, report
-from bench.metrics import Metric, count, peak
+from bench import counts, flops
+from bench.metrics import count
 from bench.results import CaseResult, Derived, RunResult
-from bench.stats import ratio_of_medians
 from bench.suite import Case, Measurement, Table, stored_profile
-from bench.timing import synchronize, time_call
+from suites import ratios
 from suites.constants import STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
 from suites.data import synthetic_batch
 from suites.models import DetectorSpec, ProposalsAroundObjects, build_detector
+from suites.workload import NoInputForward, TrainingWorkload
 
 NAME = "table6"
 
@@ -109,7 +108,9 @@ def _check_options(options: dict[str, str]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------- the workload (in the worker)
-class DetectionWorkload:
+class DetectionWorkload(TrainingWorkload):
+    inference_warmup_calls = 2
+
     def __init__(self, params: dict, device: str) -> None:
         self.profile = profile_of(params)
         self.known_counts: dict | None = None
@@ -158,62 +159,25 @@ class DetectionWorkload:
             found = {name: self.known_counts["metrics"][name] for name in COUNTS}
             notes.append(counts.note(self.known_counts))
             torch.manual_seed(1)
-            memory_metrics = self._memory(notes)
+            memory_metrics = self.memory(notes)
         else:
             found = {}
             torch.manual_seed(1)  # RoI sampling draws random numbers: fixed, so counts repeat exactly
             found["train_step_flops"] = flops.counted_flops(self.train_step)
             torch.manual_seed(1)
-            found["forward_macs"], skipped = flops.fvcore_forward_flops(_TrainForward(self), ())
+            found["forward_macs"], skipped = flops.fvcore_forward_flops(NoInputForward(self.model, self.loss), ())
             self.train_step()  # ends the traced iteration with an optimizer step
             torch.manual_seed(1)
-            memory_metrics = self._memory(notes)
+            memory_metrics = self.memory(notes)
             self.model.eval()
             found["inference_forward_macs"], _ = flops.fvcore_forward_flops(_InferenceForward(self), ())
             if skipped:
                 notes.append("fvcore skipped (no FLOPs counted): " + ", ".join(sorted(skipped)))
         metrics = {name: count(value, COUNTS[name]) for name, value in found.items()}
-        return Measurement({**metrics, **memory_metrics, **self._structure()}, notes)
+        return Measurement({**metrics, **memory_metrics, **self.structure()}, notes)
 
-    def _structure(self) -> dict[str, Metric]:
-        return {"parameters": count(sum(q.numel() for q in self.model.parameters()), "1"),
-                "cbn_layers": count(sum(1 for m in self.model.modules() if hasattr(m, "history_bytes")), "1")}
-
-    def _memory(self, notes: list[str]) -> dict[str, Metric]:
-        if self.device.type == "cuda":
-            peaks, nvml_notes = memory.cuda_peak_memory(self.train_step, self.device)
-            notes += nvml_notes
-            return {name: peak(value) for name, value in peaks.items()}
-        counted = memory.counted_training_memory(self.model, self.optimizer, self.loss)
-        self.scheduler.step()
-        return {**{name: count(value, "byte") for name, value in counted.items()},
-                "peak_rss_bytes": peak(memory.peak_rss_bytes())}
-
-    def warmup(self) -> None:
-        for _ in range(max(self.profile.warmup_steps, WINDOW + 1 - self.steps_done)):  # and CBN's window full
-            self.train_step()
-        self.inference()
-        self.inference()
-        synchronize(self.device)
-
-    def profiled_steps(self) -> dict[str, Callable[[], None]]:
-        return {"train": self.train_step, "inference": self.inference}
-
-    def timed_round(self) -> dict[str, float]:
-        return {"train_step_time": time_call(self.train_step, self.device),
-                "inference_time": time_call(self.inference, self.device)}
-
-
-class _TrainForward(nn.Module):
-    """The training forward as fvcore traces it: inputs held inside, the summed loss out."""
-
-    def __init__(self, workload: DetectionWorkload) -> None:
-        super().__init__()
-        self.model = workload.model
-        self._workload = [workload]
-
-    def forward(self) -> torch.Tensor:
-        return self._workload[0].loss()
+    def after_counted_step(self) -> None:
+        self.scheduler.step()  # memory counting ran one optimizer step
 
 
 class _InferenceForward(nn.Module):
@@ -240,33 +204,14 @@ def build(case: Case, device: str) -> DetectionWorkload:
 
 
 # ---------------------------------------------------------------------- reporting (in the runner)
-def memory_metric(case: CaseResult) -> Metric:
-    """What the memory column shows: the allocator peak on CUDA, the counted bytes on CPU."""
-    m = case.metrics
-    return m["peak_allocated_bytes"] if "peak_allocated_bytes" in m else m["counted_total_bytes"]
-
-
 def derive(case_results: list[CaseResult]) -> list[Derived]:
     by_name = {c.case: c for c in case_results if c.status == "ok"}
     bn = by_name.get("bn")
     if bn is None:
         return []
-    out = []
-    for name, case in by_name.items():
-        if name == "bn":
-            continue
-        mem, mem_bn = memory_metric(case), memory_metric(bn)
-        out.append(Derived(NAME, f"{name}/bn memory ratio", mem.value / mem_bn.value, kind=mem.kind))
-        for metric in ("forward_macs", "train_step_flops"):
-            out.append(Derived(NAME, f"{name}/bn {metric} ratio", case.metrics[metric].value / bn.metrics[metric].value))
-        for timed, label in (("train_step_time", "train iter/s"), ("inference_time", "inference iter/s")):
-            r = ratio_of_medians(bn.metrics[timed].samples, case.metrics[timed].samples)  # iter/s ratio = BN time / norm time
-            out.append(Derived(NAME, f"{name}/bn {label} ratio", r.median, r.ci_low, r.ci_high, kind="timing"))
+    out = [d for name, case in by_name.items() if name != "bn" for d in ratios.to_bn(NAME, "", name, case, bn)]
     if "cbn" in by_name:
-        cbn = by_name["cbn"]
-        time_ratio = cbn.metrics["train_step_time"].value / bn.metrics["train_step_time"].value
-        flop_ratio = cbn.metrics["train_step_flops"].value / bn.metrics["train_step_flops"].value
-        out.append(Derived(NAME, STEP_TIME_OVER_FLOPS, time_ratio / flop_ratio, kind="timing"))
+        out.append(ratios.step_time_over_flops(NAME, "", by_name["cbn"], bn))
     return out
 
 
@@ -282,8 +227,7 @@ def tables(run: RunResult) -> list[Table]:
     title = (f"Table 6, profile {run.profile}: {arch} R{params['depth']}-FPN, norm in {_placement(params['placement'])}, "
              f"{p.images_per_device} x {p.width_px}x{p.height_px} images, {p.sampled_rois_per_image} RoIs/image, "
              f"on {run.environment.device_name}")
-    columns = ["norm", "memory (xBN)", "fwd GMAC (xBN)", "train-step GFLOP (xBN)", "train iter/s (xBN [95% CI])",
-               "infer iter/s (xBN [95% CI])", "paper xBN mem/FLOPs/train/infer"]
+    columns = ["norm", *ratios.COLUMNS, "paper xBN mem/FLOPs/train/infer"]
     return [Table(title, columns, rows, _caption(run, derived))]
 
 
@@ -294,59 +238,31 @@ def _placement(placement: str) -> str:
 def _row(case: CaseResult, derived: dict[str, Derived]) -> list[str]:
     label = NORMS[case.case][2]
     if case.status != "ok":
-        reason = (case.error or "").splitlines()[0][:80] if case.error else ""
-        return [label, f"{case.status}: {reason}", "", "", "", "", ""]
-    m = case.metrics
-
-    def ratio(metric: str) -> str:
-        d = derived.get(f"{case.case}/bn {metric} ratio")
-        return "1" if case.case == "bn" else ("-" if d is None else report.fmt_ratio(d.value, d.ci_low, d.ci_high))
-
+        return [label, *ratios.failed_cells(case), ""]
     paper = PAPER_RATIOS.get(case.case)
-    return [
-        label,
-        f"{report.fmt_bytes(memory_metric(case).value)} ({ratio('memory')})",
-        f"{report.fmt(m['forward_macs'].value / 1e9, 4)} ({ratio('forward_macs')})",
-        f"{report.fmt(m['train_step_flops'].value / 1e9, 4)} ({ratio('train_step_flops')})",
-        f"{report.fmt(1 / m['train_step_time'].value)} ({ratio('train iter/s')})",
-        f"{report.fmt(1 / m['inference_time'].value)} ({ratio('inference iter/s')})",
-        "-" if paper is None else " / ".join(f"{v:.3g}" for v in paper),
-    ]
-
-
-def _samples(run: RunResult) -> int:
-    return max((len(c.metrics["train_step_time"].samples) for c in run.cases_of(NAME) if "train_step_time" in c.metrics),
-               default=0)
+    return [label, *ratios.cells(case, case.case, "", derived), "-" if paper is None else " / ".join(f"{v:.3g}" for v in paper)]
 
 
 def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
     cuda = run.device == "cuda"
+    cases_here = run.cases_of(NAME)
     lines = [
         "memory: " + ("torch.cuda.max_memory_allocated over one training step (NVML figures in the JSON)" if cuda else
                       "counted bytes a training step holds: parameters, gradients, SGD momentum, tensors saved for "
                       "backward, CBN history (peak RSS in the JSON)"),
         "fwd GMAC: fvcore, training-mode forward incl. CBN's cbn::conv_weight_grad, 1 multiply-add = 1 flop; "
         "train-step GFLOP: torch FlopCounterMode, forward + backward, 2 flops per multiply-add",
-        f"iter/s: 1 / median of {_samples(run)} samples from interleaved rounds ({_sampling(run)}); "
+        f"iter/s: 1 / median of {ratios.samples(cases_here)} samples from interleaved rounds "
+        f"({ratios.sampling_text(cases_here, run.device)}); "
         "ratios to BN with bootstrap 95% intervals; the paper's ratios are from its Table 6 (V100, 1333x800, 4 img/GPU)",
         "GN: 32 groups; CBN: efficient statistic-gradient path; -: frozen BN backbone and no norm in FPN and heads",
         "SyncBN*: one process, where SyncBN is plain BN: no synchronization is measured",
     ]
     check = derived.get(STEP_TIME_OVER_FLOPS)
     if check is not None:
-        target = STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"]
-        verdict = "within" if check.value <= target else "ABOVE"
-        lines.append(f"CBN/BN step-time ratio / training-FLOP ratio = {check.value:.3f} "
-                     f"({verdict} the {target:.2f} target on {run.device}, which the gate enforces too)")
+        lines.append(ratios.verdict(check.value, STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"],
+                                    run.device))
     return lines
-
-
-def _sampling(run: RunResult) -> str:
-    how = next((c.sampling for c in run.cases_of(NAME) if c.sampling), {})
-    if not how:
-        return "sampling not recorded"
-    text = f"{how['kept_per_round']} kept per round after {how['discarded_per_round']} discarded, order {how['order']}"
-    return text + (f"; CUDA caches {how['cuda_cache']}" if run.device.startswith("cuda") else "")
 
 
 def figures(run: RunResult, stem: Path) -> list[Path]:

@@ -24,6 +24,14 @@ V2_QUICK_RUN = sorted((ROOT / "results" / "calibration" / "cpu").glob("*_quick_*
 THRESHOLDS = ROOT / "results" / "thresholds.toml"
 
 
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """The gate's table at a terminal's usual width would wrap its notes mid-phrase in captured output."""
+    from bench import session
+
+    monkeypatch.setattr(session.console, "width", 250)
+
+
 def run_gate(capsys, *files: Path, baseline=(BASELINE, MICRO_BASELINE), rules: Path = THRESHOLDS) -> tuple[int, str]:
     code = cli.main(["gate", "--results", *map(str, files), "--baseline", *map(str, baseline), "--thresholds", str(rules)])
     return code, " ".join(capsys.readouterr().out.split())
@@ -225,7 +233,9 @@ def test_micro_ratios_are_minimum_times_over_the_groups_reference():
     value = src.metrics["micro.forward+backward.cbn/bn time ratio"].value
     assert value == fastest[("forward+backward", "cbn")] / fastest[("forward+backward", "bn")]
     assert "micro.forward.bn/bn time ratio" not in src.metrics
-    assert all(m.timing for m in src.metrics.values())
+    counted = {name for name in src.metrics if name.endswith((".aten_ops", ".host_syncs"))}
+    assert counted and not any(src.metrics[name].timing for name in counted)
+    assert all(m.timing for name, m in src.metrics.items() if name not in counted)
 
 
 def test_results_sources_mark_timing_metrics():

@@ -80,7 +80,23 @@ def test_the_script_runs_end_to_end_on_a_cpu_at_smoke_size(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=1200, env=dict(os.environ, PATH=path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "gpu-run plan on cpu" in done.stdout and "estimated total" in done.stdout
+    assert "sync check, one CBN training step on cpu: no host synchronization" in done.stdout
     assert (tmp_path / "baselines" / "cpu" / "smoke.json").exists()
     assert len(list((tmp_path / "runs").glob("*_smoke_*.json"))) == 1
     assert "profiling CBN against BN" in done.stdout  # time was left within the budget
     assert len(list((tmp_path / "profiles").glob("*_table6_smoke_*.md"))) == 1
+
+
+def test_the_sync_check_passes_for_cbn_and_names_a_sync_when_there_is_one(monkeypatch, capsys):
+    assert gpu_run.sync_check("cpu")
+    from cbn import layer
+
+    original = layer.CrossIterationBatchNorm2d._record
+
+    def record_and_sync(self, *args):
+        original(self, *args)
+        bool(self.nonfinite_batches)  # what the layer did before: ask the host about the batch
+
+    monkeypatch.setattr(layer.CrossIterationBatchNorm2d, "_record", record_and_sync)
+    assert not gpu_run.sync_check("cpu")
+    assert "FAILED: 1 host syncs" in capsys.readouterr().out

@@ -136,3 +136,50 @@ def test_burn_in_then_the_window_fills_one_iteration_at_a_time(window, burn_in, 
     assert seen == expected
     if burn_in:  # nothing recorded during burn-in
         assert min(layer._slot_iterations) >= burn_in
+
+
+def batch_mean(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return conv(x).mean((0, 2, 3))
+
+
+def test_a_second_call_in_an_iteration_does_not_overwrite_the_first_calls_record():
+    """Only the first grad-enabled call of an iteration is recorded: by content, not by counts."""
+    net = conv_cbn_net(window=3)
+    layer = cbn_layers(net)[0]
+    train(net, batches(2))
+    first, second = batches(2, seed=8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    expected = batch_mean(net[0], first)  # the iteration-2 statistics the record must hold
+    (net(first).sum() + net(second).sum()).backward()
+    slot = layer._slot_iterations.index(2)
+    assert_close(layer.history_mean[slot], expected)
+    assert not torch.allclose(batch_mean(net[0], second), expected)  # the second call would differ
+    opt.step()
+
+
+def test_a_hole_in_the_history_keeps_the_iteration_k_steps_back_out_of_the_window():
+    """After an iteration that recorded nothing, the slot still holding iteration t-k is not used:
+    Naive CBN with momentum 1 puts the window mean in running_mean, compared by content."""
+    net = conv_cbn_net(window=3, compensate=False)
+    layer = cbn_layers(net)[0]
+    layer.momentum = 1.0
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    inputs = batches(4, seed=3)
+    means = []
+    for t, x in enumerate(inputs):
+        means.append(batch_mean(net[0], x))
+        if t == 2:
+            with torch.no_grad():  # iteration 2 runs but records nothing: a hole
+                net(x)
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(0.01)  # a new iteration without a backward pass
+            continue
+        net(x).sum().backward()
+        if t < 3:
+            opt.step()
+            opt.zero_grad()
+    # Iteration 3's window is t-2 .. t-1 = {1, 2}; 2 recorded nothing and 0 (= t-k) must stay out.
+    assert layer.window_entries == 2
+    assert_close(layer.running_mean, (means[3] + means[1]) / 2)

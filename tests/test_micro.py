@@ -52,9 +52,18 @@ def micro_json(version: int = 1) -> dict:
 
     info = {"schema": pytest_suites.SCHEMA, "schema_version": version, "device": "cpu", "profile": "cpu",
             "environment": dataclasses.asdict(env.capture("cpu", []))}
-    return {"machine_info": {"cbn_bench": info}, "benchmarks": [
-        bench("forward", "bn", [1.0, 1.1, 0.9]), bench("forward", "cbn", [2.0, 2.2, 1.8]),
-        bench("forward+backward", "bn", [3.0, 3.0, 3.0]), bench("forward+backward", "cbn", [4.5, 4.5, 4.5])]}
+    benchmarks = [bench("forward", "bn", [1.0, 1.1, 0.9]), bench("forward", "cbn", [2.0, 2.2, 1.8]),
+                  bench("forward+backward", "bn", [3.0, 3.0, 3.0]), bench("forward+backward", "cbn", [4.5, 4.5, 4.5])]
+    benchmarks[3]["extra_info"].update(aten_ops=224, host_syncs=0)
+    return {"machine_info": {"cbn_bench": info}, "benchmarks": benchmarks}
+
+
+def test_dispatch_counts_stored_by_a_benchmark_are_read_as_count_metrics(tmp_path):
+    run = pytest_suites.load(write(tmp_path, micro_json()))
+    counted = {c.case: c.metrics for c in run.cases}["forward+backward/cbn"]
+    assert (counted["aten_ops"].value, counted["aten_ops"].kind) == (224, "count")
+    assert (counted["host_syncs"].value, counted["host_syncs"].kind) == (0, "count")
+    assert "aten_ops" not in {c.case: c.metrics for c in run.cases}["forward/cbn"]
 
 
 def test_ratios_are_taken_within_each_group(tmp_path):

@@ -63,8 +63,26 @@ def test_a_checkpoint_from_a_newer_layer_version_is_refused():
     train(net, batches(3))
     state = net.state_dict()
     state._metadata["1"]["version"] = cbn.CrossIterationBatchNorm2d._version + 1
-    with pytest.raises(RuntimeError, match="saved by a newer CrossIterationBatchNorm2d .state version 2"):
+    newer = cbn.CrossIterationBatchNorm2d._version + 1
+    with pytest.raises(RuntimeError, match=f"saved by a newer CrossIterationBatchNorm2d .state version {newer}"):
         conv_cbn_net(window=3).load_state_dict(state)
+
+
+def test_a_version_1_checkpoint_loads_and_continues_exactly():
+    """Version 1 kept no validity flags (it refused non-finite entries): every filled slot is valid."""
+    inputs = batches(7, dtype=torch.float64)
+    net = conv_cbn_net(window=3, dtype=torch.float64)
+    train(net, inputs[:4])
+    old = net.state_dict()
+    for layer in ("1", "4"):
+        del old[f"{layer}.history_valid"]
+        old._metadata[layer]["version"] = 1
+    resumed = conv_cbn_net(window=3, dtype=torch.float64)
+    resumed.load_state_dict(old)
+    assert resumed[1].history_valid.tolist() == [True, True]
+    reference = copy.deepcopy(net)
+    for a, b in zip(train(reference, inputs[4:]), train(resumed, inputs[4:])):
+        assert torch.equal(a, b)
 
 
 def test_a_batchnorm_checkpoint_loads_into_cbn_with_a_fresh_history():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from cbn.statgrad import ConvGeometry, EfficientPath, NaivePath
+from cbn.statgrad import ConvGeometry, EfficientPath, NaivePath, linear_at
 
 CONVS = {
     "1x1": dict(c_in=5, c_out=4, kernel_size=1),
@@ -17,6 +17,8 @@ CONVS = {
     "strided-dilated-padded": dict(c_in=3, c_out=4, kernel_size=3, stride=2, padding=3, dilation=2),
     "grouped": dict(c_in=6, c_out=4, kernel_size=3, padding=1, groups=2),
     "depthwise": dict(c_in=4, c_out=4, kernel_size=3, padding=1, groups=4),
+    # fewer outputs than weights (2x16x5x6 < 16x16x3x3): d nu/d theta scales x; the others scale its result
+    "wide-strided": dict(c_in=16, c_out=16, kernel_size=3, stride=2, padding=1),
 }
 
 
@@ -53,7 +55,7 @@ def test_efficient_gradients_equal_jacrev_diagonal(name, bias):
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("name", ["3x3", "strided-dilated-padded", "grouped"])
+@pytest.mark.parametrize("name", ["3x3", "stride2", "strided-dilated-padded", "grouped"])
 def test_linear_forms_give_the_dense_first_order_change(name, bias):
     """L(theta_t) - L(theta_past) equals J . (theta_t - theta_past) for both paths, bias included."""
     conv = make_conv(CONVS[name], bias)
@@ -73,8 +75,8 @@ def test_linear_forms_give_the_dense_first_order_change(name, bias):
         expected_nu = expected_nu + 2 * mean * (b1 - b0)  # d nu_j / d b_j = 2 mu_j
     for path in (EfficientPath, NaivePath):
         fields = path.compute(y, x, w0, b0, geometry)
-        mu1, nu1 = path.linear(fields, w1, b1, mean)
-        mu0, nu0 = path.linear(fields, w0, b0, mean)
+        mu1, nu1 = linear_at(path, fields, w1, b1, mean)
+        mu0, nu0 = linear_at(path, fields, w0, b0, mean)
         assert_close(mu1 - mu0, expected_mu, rtol=1e-10, atol=1e-12)
         assert_close(nu1 - nu0, expected_nu, rtol=1e-10, atol=1e-12)
 
@@ -92,9 +94,30 @@ def test_first_order_term_predicts_the_statistics_under_new_weights():
     for step in (1e-2, 1e-3):
         w1, b1 = w0 + step * direction_w, b0 + step * direction_b
         x1 = F.conv2d(y, w1, b1, padding=1)
-        mu1, nu1 = EfficientPath.linear(fields, w1, b1, mean0)
-        mu0, nu0 = EfficientPath.linear(fields, w0, b0, mean0)
+        mu1, nu1 = linear_at(EfficientPath, fields, w1, b1, mean0)
+        mu0, nu0 = linear_at(EfficientPath, fields, w0, b0, mean0)
         predicted_nu = x0.square().mean((0, 2, 3)) + nu1 - nu0
         assert_close(mean0 + mu1 - mu0, x1.mean((0, 2, 3)), rtol=0, atol=1e-12)  # the mean is linear: exact
         errors.append((predicted_nu - x1.square().mean((0, 2, 3))).abs().max().item())
     assert errors[1] < errors[0] / 50  # second order: 10x smaller step, ~100x smaller error
+
+
+@pytest.mark.parametrize("path", [EfficientPath, NaivePath])
+def test_stacked_slots_give_each_slots_own_linear_form(path):
+    """The layer evaluates all past slots in one call; each row equals that slot evaluated alone."""
+    conv = make_conv(CONVS["grouped"], True)
+    geometry = ConvGeometry.of(conv)
+    w, b = conv.weight.detach(), conv.bias.detach()
+    slots = []
+    for seed in range(3):
+        y = torch.randn(2, conv.in_channels, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        x = conv(y).detach()
+        slots.append((path.compute(y, x, w, b, geometry), x.mean((0, 2, 3))))
+    stacked = {f: torch.stack([fields[f] for fields, _ in slots]) for f in slots[0][0]}
+    means = torch.stack([mean for _, mean in slots])
+    w1 = w + 0.01 * torch.randn_like(w)
+    mu, nu = path.linear(stacked, w1, b, means)
+    for s, (fields, mean) in enumerate(slots):
+        mu_s, nu_s = linear_at(path, fields, w1, b, mean)
+        assert_close(mu[s], mu_s, rtol=1e-12, atol=1e-12)
+        assert_close(nu[s], nu_s, rtol=1e-12, atol=1e-12)

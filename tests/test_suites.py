@@ -9,7 +9,7 @@ import pytest
 from bench.metrics import count, timing
 from bench.results import CaseResult, RunResult
 from bench.suite import check_suite, load_suite
-from suites import SUITES, gradpath, table6
+from suites import SUITES, classify, gradpath, table6
 from suites.constants import AGREEMENT_TOLERANCE
 from test_results import environment
 
@@ -17,8 +17,8 @@ from test_results import environment
 def timing_case(suite, name, params, seconds, **counts):
     samples = [seconds * f for f in (0.98, 1.0, 1.02)]
     metrics = {key: count(value, "byte" if key.endswith("bytes") else "flop") for key, value in counts.items()}
-    metrics["train_step_time" if suite == "table6" else "stat_grad_time"] = timing(samples)
-    if suite == "table6":
+    metrics["stat_grad_time" if suite == "gradpath" else "train_step_time"] = timing(samples)
+    if suite != "gradpath":
         metrics["inference_time"] = timing([s / 2 for s in samples])
     return CaseResult(suite, name, params, "ok", None, metrics)
 
@@ -68,6 +68,33 @@ def test_table6_ratios_from_known_results():
     assert rows["CBN k=4"][6] == "1.07 / 1.13 / 0.77 / 1"
     assert any("ABOVE the 1.10 target on cpu, which the gate enforces too" in line for line in table.caption)
     assert "2 x 320x320 images, 128 RoIs/image" in table.title
+
+
+def test_classify_cases_group_each_model_and_ratios_stay_within_it():
+    cases = classify.cases("cpu", "cpu")
+    assert [c.name for c in cases][:4] == ["resnet18/bn", "resnet18/gn", "resnet18/cbn", "resnet18/naive_cbn"]
+    assert {c.group for c in cases} == {"resnet18", "resnet50"}  # norms timed interleaved per model
+    with pytest.raises(ValueError, match="classify takes no options, got depth"):
+        classify.cases("cpu", "cpu", {"depth": "50"})
+    settings = classify.settings(classify.PROFILES["cpu"])
+
+    def measured(model, norm, seconds, flops):
+        params = {"profile": "cpu", "settings": settings, "model": model, "norm": norm}
+        return timing_case("classify", f"{model}/{norm}", params, seconds, train_step_flops=flops, forward_macs=flops / 6,
+                           counted_total_bytes=1000.0)
+
+    results = [measured("resnet18", "bn", 1.0, 100.0), measured("resnet18", "cbn", 1.5, 134.0),
+               measured("resnet50", "bn", 2.0, 300.0), measured("resnet50", "gn", 2.2, 300.0)]
+    derived = {d.name: d for d in classify.derive(results)}
+    assert derived["resnet18.cbn/bn train iter/s ratio"].value == pytest.approx(1 / 1.5)
+    assert derived["resnet18.cbn/bn step-time ratio over training-FLOP ratio"].value == pytest.approx(1.5 / 1.34)
+    assert derived["resnet50.gn/bn train iter/s ratio"].value == pytest.approx(1 / 1.1)
+    assert not any(name.startswith("resnet50.cbn") for name in derived)  # no CBN case for that model
+    run = RunResult("cpu", "cpu", ["classify"], environment(), results, list(derived.values()))
+    r18, r50 = classify.tables(run)
+    assert "ResNet-18" in r18.title and "4 x 224x224 images" in r18.title and "ResNet-50" in r50.title
+    assert {row[0]: row for row in r18.rows}["CBN k=4"][4].startswith("0.667 (0.667 [")
+    assert any("1.119 (ABOVE the 1.08 target on cpu, a goal" in line for line in r18.caption)
 
 
 def test_a_file_renders_the_sizes_it_was_measured_at_after_its_profile_changed(monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 
 from bench.gate import rules as thresholds
 from bench.gate.rules import ThresholdsError
-from suites.constants import STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET
+from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET
 
 COMMITTED = Path(__file__).resolve().parents[1] / "results" / "thresholds.toml"
 
@@ -87,7 +87,7 @@ def test_a_missing_file_says_so(tmp_path):
 
 def test_the_committed_thresholds_file_parses():
     rules = thresholds.load(COMMITTED)
-    assert {r.suite for r in rules} == {"table6", "gradpath", "micro"}
+    assert {r.suite for r in rules} == {"table6", "gradpath", "classify", "micro"}
     assert all(r.line > 0 for r in rules)
 
 
@@ -116,3 +116,9 @@ def test_the_gate_enforces_the_step_time_target_that_table6_prints():
     rules = [r for r in thresholds.load(COMMITTED) if r.pattern == f"table6.{STEP_TIME_OVER_FLOPS}"]
     assert {r.devices: (r.op, r.absolute) for r in rules} == {
         (device,): ("<=", target) for device, target in STEP_TIME_OVER_FLOPS_TARGET.items()}
+
+
+def test_classify_holds_its_step_time_ratio_to_the_baseline_while_its_target_is_a_goal():
+    rules = [r for r in thresholds.load(COMMITTED) if r.pattern == f"classify.resnet18.{STEP_TIME_OVER_FLOPS}"]
+    assert [(r.op, r.absolute, r.devices) for r in rules] == [("<=", None, ())]
+    assert CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET["cpu"] == 1.08

@@ -8,9 +8,11 @@ Steps: (1) fail fast if the device is missing; (2) install the carried wheels (f
 needs, none of which the GPU image has) into a private folder, without dependencies or network,
 and check that every package a run imports is there; the project itself runs from this checkout
 (PYTHONPATH), so nothing else on the machine changes; (3) print the plan and its estimated time,
-and refuse a plan over the budget; (4) run `python -m bench baseline` (table6 and gradpath in one
-run under results/runs/, then the micro-benchmarks), which writes results/baselines/<GPU>/ when
-every case succeeded. A run stopped by SIGINT (`timeout -s INT`) still stores every finished case.
+and refuse a plan over the budget; (4) run one steady-state CBN training step under
+torch.cuda.set_sync_debug_mode("error"), which raises at any op that makes the host wait for the
+device (the layer promises none); (5) run `python -m bench baseline table6 gradpath micro` (table6
+and gradpath in one run under results/runs/, then the micro-benchmarks), which writes
+results/baselines/<GPU>/ when every case succeeded. A run stopped by SIGINT (`timeout -s INT`) still stores every finished case.
 FLOP counts come from results/counts/ when they were counted for the same settings and
 torch/torchvision releases (`python -m bench counts`), so the GPU's minutes go to what only it
 can measure.
@@ -154,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     before = _files(args.out, args.baselines, args.profiles)
-    command = [sys.executable, "-m", "bench", "baseline", "--profile", args.profile, "--device", args.device,
-               "--out", str(args.out), "--folder", str(args.baselines)] + (["--skip-micro"] if args.skip_micro else [])
+    synced = sync_check(args.device)
+    suites = ["table6", "gradpath"] + ([] if args.skip_micro else ["micro"])
+    command = [sys.executable, "-m", "bench", "baseline", *suites, "--profile", args.profile, "--device", args.device,
+               "--out", str(args.out), "--folder", str(args.baselines)]
     print("running:", " ".join(command), flush=True)
     code = subprocess.run(command).returncode
     left = args.budget_s - (time.perf_counter() - started)
@@ -169,7 +173,40 @@ def main(argv: list[str] | None = None) -> int:
               f"(about {profile_seconds(args.device):.0f} s)", flush=True)
     written = sorted(_files(args.out, args.baselines, args.profiles) - before)
     print(f"gpu-run: exit {code} after {time.perf_counter() - started:.0f} s; wrote:", *written, sep="\n  ")
-    return code
+    return code if synced else max(code, 1)
+
+
+SYNC_CHECK_SHAPE = (2, 64, 56, 56)
+
+
+def sync_check(device: str) -> bool:
+    """Whether one steady-state CBN training step (the micro-benchmark's conv + CBN, window full)
+    runs without a host synchronization: on CUDA under set_sync_debug_mode("error"), elsewhere by
+    counting the syncing ops (bench/dispatch.py). Prints the verdict."""
+    import torch
+
+    from bench.dispatch import count_dispatches
+    from suites.micro import LayerStep
+
+    step = LayerStep("cbn", SYNC_CHECK_SHAPE, torch.device(device))
+    step.fill_window()
+    problem = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        except RuntimeError as err:  # the first op that synchronized, with its message
+            problem = str(err).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    else:
+        syncs = count_dispatches(step).host_syncs
+        problem = f"{syncs} host syncs" if syncs else None
+    print(f"gpu-run: sync check, one CBN training step on {device}: " + (f"FAILED: {problem}" if problem else
+          "no host synchronization"), flush=True)
+    return problem is None
 
 
 def _files(*folders: Path) -> set[Path]:

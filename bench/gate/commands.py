@@ -119,7 +119,7 @@ def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, str]]) -> 
 
 def baseline_command(args: argparse.Namespace) -> int:
     device = args.device or env.best_device()
-    names = [n for n in _suites([]) if not (args.skip_micro and n in pytest_suites.registry())]
+    names = [n for n in _suites(args.suites) if not (args.skip_micro and n in pytest_suites.registry())]
     measured = measure(names, args.profile, device, args.threads, args.out)
     failed = [f"{s.path}: {case} {why}" for s in measured for case, why in s.absent.items() if not why.startswith("skipped")]
     if failed:

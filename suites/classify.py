@@ -1,0 +1,200 @@
+"""Classification backbones, the paper's ImageNet setting: torchvision ResNet-18 and ResNet-50 at
+224x224 with 4 images per device, every BatchNorm2d replaced by the norm under test. The same
+columns as table6 (memory, FLOPs, training and inference speed, ratios to BN) and the same check
+that CBN's extra time is its extra FLOPs. In a backbone with no detection heads, CBN's own
+bookkeeping is a larger share of the step than in table6, so this is where its overhead shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+import cbn
+from bench import flops
+from bench.metrics import count
+from bench.results import CaseResult, Derived, RunResult
+from bench.suite import Case, Measurement, Table, stored_profile
+from suites import ratios
+from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, STEP_TIME_OVER_FLOPS, WINDOW
+from suites.workload import NoInputForward, TrainingWorkload
+
+NAME = "classify"
+
+
+@dataclass(frozen=True)
+class Profile:
+    image_px: int
+    images_per_device: int
+    warmup_steps: int
+    rounds: int
+    timeout_s: float
+    models: tuple[str, ...] = ("resnet18", "resnet50")  # keys of MODELS
+    norms: tuple[str, ...] = ("bn", "gn", "cbn", "naive_cbn")  # keys of NORMS
+    kept_per_round: int = 1  # training and inference samples kept per round (bench/sampling.py)
+
+
+PROFILES = {
+    "paper": Profile(224, 4, warmup_steps=10, rounds=6, timeout_s=300, kept_per_round=4),
+    "cpu": Profile(224, 4, warmup_steps=1, rounds=5, timeout_s=900),
+    # What the CI gate runs: ResNet-18, the norms whose ratios it guards.
+    "quick": Profile(224, 4, warmup_steps=1, rounds=5, timeout_s=600, models=("resnet18",), norms=("bn", "gn", "cbn")),
+    "smoke": Profile(64, 2, warmup_steps=1, rounds=2, timeout_s=300, models=("resnet18",)),
+}
+MODELS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+# case norm -> (cbn.norm_layer name, options, label)
+NORMS = {
+    "bn": ("bn", {}, "BN"),
+    "gn": ("gn", {}, "GN"),
+    "cbn": ("cbn", {"window": WINDOW}, f"CBN k={WINDOW}"),
+    "naive_cbn": ("naive_cbn", {"window": WINDOW}, f"Naive CBN k={WINDOW}"),
+}
+OPTIONS: dict[str, tuple[str, ...]] = {}
+COUNTS: dict[str, str] = {}  # counted in each run: a classification step is cheap to count
+LR = 0.1 * 4 / 256  # the paper's ImageNet rate (0.1 per 256 images), scaled to 4 images
+
+
+def default_profile(device: str) -> str:
+    return "paper" if device == "cuda" else "cpu"
+
+
+def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
+    if options:
+        raise ValueError(f"classify takes no options, got {', '.join(sorted(options))}")
+    p = PROFILES[profile]
+    return [
+        Case(NAME, f"{model}/{name}", {"profile": profile, "settings": settings(p), "model": model, "norm": name},
+             group=model, rounds=p.rounds, timeout_s=p.timeout_s, kept_per_round=p.kept_per_round)
+        for model in p.models for name in p.norms
+    ]
+
+
+def settings(p: Profile) -> dict:
+    """What a case is measured with, stored in its params so results render without today's PROFILES."""
+    return {**dataclasses.asdict(p), "models": list(p.models), "norms": list(p.norms), "window": WINDOW}
+
+
+def profile_of(params: dict) -> Profile:
+    return stored_profile(Profile, params, {})
+
+
+def build_model(model: str, norm: str) -> nn.Module:
+    kind, options, _ = NORMS[norm]
+    torch.manual_seed(0)
+    net = MODELS[model](weights=None, norm_layer=cbn.norm_layer(kind, **options))
+    if kind in ("cbn", "naive_cbn"):
+        cbn.convert(net)  # binds each CBN layer to the conv that feeds it
+    return net
+
+
+# ---------------------------------------------------------------------- the workload (in the worker)
+class ClassifyWorkload(TrainingWorkload):
+    def __init__(self, params: dict, device: str) -> None:
+        self.profile = p = profile_of(params)
+        self.device = torch.device(device)
+        self.model = build_model(params["model"], params["norm"]).to(self.device)
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.rand(p.images_per_device, 3, p.image_px, p.image_px, generator=gen).to(self.device)
+        self.labels = torch.randint(0, 1000, (p.images_per_device,), generator=gen).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
+        self.steps_done = 0
+
+    def loss(self) -> torch.Tensor:
+        self.model.train()
+        return nn.functional.cross_entropy(self.model(self.images), self.labels)
+
+    def train_step(self) -> None:
+        self.steps_done += 1
+        self.loss().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def inference(self) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            self.model(self.images)
+
+    def measure(self) -> Measurement:
+        for _ in range(WINDOW + 1):  # CBN's window is full from here on
+            self.train_step()
+        found = {"train_step_flops": count(flops.counted_flops(self.train_step), "flop")}
+        macs, skipped = flops.fvcore_forward_flops(NoInputForward(self.model, self.loss), ())
+        self.train_step()  # ends the traced iteration with an optimizer step
+        found["forward_macs"] = count(macs, "mac")
+        self.model.eval()
+        inference = NoInputForward(self.model, lambda: self.model(self.images))
+        found["inference_forward_macs"] = count(flops.fvcore_forward_flops(inference, ())[0], "mac")
+        notes = ["fvcore skipped (no FLOPs counted): " + ", ".join(sorted(skipped))] if skipped else []
+        return Measurement({**found, **self.memory(notes), **self.structure()}, notes)
+
+
+def build(case: Case, device: str) -> ClassifyWorkload:
+    return ClassifyWorkload(case.params, device)
+
+
+# ---------------------------------------------------------------------- reporting (in the runner)
+def derive(case_results: list[CaseResult]) -> list[Derived]:
+    out = []
+    for model in dict.fromkeys(c.params["model"] for c in case_results):
+        by_norm = {c.params["norm"]: c for c in case_results if c.params["model"] == model and c.status == "ok"}
+        bn = by_norm.get("bn")
+        if bn is None:
+            continue
+        prefix = f"{model}."
+        out += [d for norm, case in by_norm.items() if norm != "bn" for d in ratios.to_bn(NAME, prefix, norm, case, bn)]
+        if "cbn" in by_norm:
+            out.append(ratios.step_time_over_flops(NAME, prefix, by_norm["cbn"], bn))
+    return out
+
+
+def tables(run: RunResult) -> list[Table]:
+    cases_here = run.cases_of(NAME)
+    derived = run.derived_of(NAME)
+    out = []
+    for model in dict.fromkeys(c.params["model"] for c in cases_here):
+        rows = [_row(c, derived) for c in cases_here if c.params["model"] == model]
+        p = profile_of(cases_here[0].params)
+        title = (f"Classification, profile {run.profile}: {_model_label(model)}, every BN replaced, "
+                 f"{p.images_per_device} x {p.image_px}x{p.image_px} images, on {run.environment.device_name}")
+        out.append(Table(title, ["norm", *ratios.COLUMNS], rows, _caption(run, model, derived)))
+    return out
+
+
+def _model_label(model: str) -> str:
+    return {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}.get(model, model)
+
+
+def _row(case: CaseResult, derived: dict[str, Derived]) -> list[str]:
+    norm = case.params["norm"]
+    label = NORMS[norm][2] if norm in NORMS else norm
+    if case.status != "ok":
+        return [label, *ratios.failed_cells(case)]
+    return [label, *ratios.cells(case, norm, f"{case.params['model']}.", derived)]
+
+
+def _caption(run: RunResult, model: str, derived: dict[str, Derived]) -> list[str]:
+    cases_here = [c for c in run.cases_of(NAME) if c.params["model"] == model]
+    lines = [
+        "memory: " + ("torch.cuda.max_memory_allocated over one training step" if run.device == "cuda" else
+                      "counted bytes a training step holds: parameters, gradients, SGD momentum, tensors saved "
+                      "for backward, CBN history"),
+        "fwd GMAC: fvcore, training-mode forward incl. CBN's statistic gradients; train-step GFLOP: torch "
+        "FlopCounterMode, forward + backward + CBN's extra convolutions, 2 flops per multiply-add",
+        f"iter/s: 1 / median of {ratios.samples(cases_here)} samples from interleaved rounds "
+        f"({ratios.sampling_text(cases_here, run.device)}); ratios to BN with bootstrap 95% intervals; "
+        "random weights, synthetic images, SGD with momentum; GN: 32 groups",
+    ]
+    check = derived.get(f"{model}.{STEP_TIME_OVER_FLOPS}")
+    if check is not None:
+        target = CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"]
+        lines.append(ratios.verdict(check.value, target, run.device, enforced=False))
+    return lines
+
+
+def figures(run: RunResult, stem: Path) -> list[Path]:
+    return []  # tables only
