@@ -34,7 +34,7 @@ def combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor, Tensor] | Non
     """
     if past is None:
         return mean, var, 1
-    past_mean, past_var, weights = (_to(p, mean.dtype) for p in past)
+    past_mean, past_var, weights = (to_dtype(p, mean.dtype) for p in past)
     entries = weights.sum() + 1
     mean_bar = (mean + past_mean.sum(0)) / entries  # weight-0 slots hold zeros
     current, others = mean - mean_bar, past_mean - mean_bar
@@ -47,8 +47,8 @@ def _stats_input(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype, without dispatching anything when it already is."""
+def to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, without dispatching anything when it already is (Tensor.to dispatches even then)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -89,12 +89,12 @@ class CrossIterationNorm(torch.autograd.Function):
         # With s = -gamma r / (n M) (n M = count): b = 2 dL/d var / M = s r^2 G2 and
         # a = dL/d mu / M = s G1 + b (mu - mu_bar); dL/dx = gamma r g + b (x - mu) + a
         #                 = gamma r g + b x + (s G1 - b mu_bar), per channel, in two fused passes.
-        gamma_r = r if weight is None else _to(weight, r.dtype) * r
+        gamma_r = r if weight is None else to_dtype(weight, r.dtype) * r
         s = gamma_r / -count
         b = s * r * grad_gamma
         shift = torch.addcmul(s * grad_beta, b, mean_bar, value=-1.0)
         grad_x = torch.addcmul(shift.view(-1, 1, 1), x_stats, b.view(-1, 1, 1))
         grad_x.addcmul_(g, gamma_r.view(-1, 1, 1))
-        grad_weight = None if weight is None else _to(grad_gamma, weight.dtype)
-        grad_bias = None if weight is None else _to(grad_beta, weight.dtype)
-        return _to(grad_x, x.dtype), grad_weight, grad_bias, None, None, None, None
+        grad_weight = None if weight is None else to_dtype(grad_gamma, weight.dtype)
+        grad_bias = None if weight is None else to_dtype(grad_beta, weight.dtype)
+        return to_dtype(grad_x, x.dtype), grad_weight, grad_bias, None, None, None, None

@@ -159,3 +159,32 @@ def test_table6_reuses_stored_counts_and_says_so():
     assert {k: measured.metrics[k].value for k in stored} == stored
     assert "reused from results/counts, counted on cpu: elsewhere" in measured.notes[0]
     assert measured.metrics["counted_total_bytes"].value > 0  # memory is still measured here
+
+
+def test_a_timed_round_leaves_training_before_the_inference_clock_starts(monkeypatch):
+    """model.eval() reads CBN's device-side non-finite count (a host sync per layer): not timed."""
+    import torch
+    from torch import nn
+
+    from suites import workload
+
+    modes_when_timed = []
+
+    def time_call(fn, device):
+        modes_when_timed.append(workload_under_test.model.training)
+        fn()
+        return 1.0
+
+    class Workload(workload.TrainingWorkload):
+        model, device = nn.Linear(2, 2), torch.device("cpu")
+
+        def train_step(self):
+            self.model.train()
+
+        def inference(self):
+            self.model.eval()
+
+    monkeypatch.setattr(workload, "time_call", time_call)
+    workload_under_test = Workload()
+    assert workload_under_test.timed_round() == {"train_step_time": 1.0, "inference_time": 1.0}
+    assert modes_when_timed == [True, False]  # the inference clock started with the model already in eval
