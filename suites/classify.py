@@ -108,17 +108,6 @@ class ClassifyWorkload(TrainingWorkload):
         self.model.train()
         return nn.functional.cross_entropy(self.model(self.images), self.labels)
 
-    def train_step(self) -> None:
-        self.steps_done += 1
-        self.loss().backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def inference(self) -> None:
-        self.model.eval()
-        with torch.no_grad():
-            self.model(self.images)
-
     def measure(self) -> Measurement:
         for _ in range(WINDOW + 1):  # CBN's window is full from here on
             self.train_step()

@@ -136,17 +136,8 @@ class DetectionWorkload(TrainingWorkload):
         self.model.train()
         return sum(self.model(self.images, self.targets).values())
 
-    def train_step(self) -> None:
-        self.steps_done += 1
-        self.loss().backward()
-        self.optimizer.step()
+    def after_optimizer_step(self) -> None:
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def inference(self) -> None:
-        self.model.eval()
-        with torch.no_grad():
-            self.model(self.images)
 
     def reuse_counts(self, entry: dict) -> None:
         self.known_counts = entry
@@ -175,9 +166,6 @@ class DetectionWorkload(TrainingWorkload):
                 notes.append("fvcore skipped (no FLOPs counted): " + ", ".join(sorted(skipped)))
         metrics = {name: count(value, COUNTS[name]) for name, value in found.items()}
         return Measurement({**metrics, **memory_metrics, **self.structure()}, notes)
-
-    def after_counted_step(self) -> None:
-        self.scheduler.step()  # memory counting ran one optimizer step
 
 
 class _InferenceForward(nn.Module):

@@ -1,8 +1,8 @@
 """What table6's and classify's workloads share: a model trained by SGD steps, measured for memory
 and structure, warmed up, and timed round by round (train step and inference), in its worker.
 
-A subclass sets ``model``, ``optimizer``, ``device`` and ``profile`` (with ``warmup_steps``) and
-defines ``loss()``, ``train_step()`` (which counts ``steps_done``) and ``inference()``.
+A subclass sets ``model``, ``optimizer``, ``device``, ``profile`` (with ``warmup_steps``) and
+``images`` (what inference feeds the model), and defines ``loss()``.
 """
 
 from __future__ import annotations
@@ -22,20 +22,27 @@ class TrainingWorkload:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
+    images: object
     steps_done: int = 0
     inference_warmup_calls = 1
 
     def loss(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step, train_step's and memory counting's (e.g. a scheduler)."""
+
     def train_step(self) -> None:
-        raise NotImplementedError
+        self.steps_done += 1
+        self.loss().backward()
+        self.optimizer.step()
+        self.after_optimizer_step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def inference(self) -> None:
-        raise NotImplementedError
-
-    def after_counted_step(self) -> None:
-        """Called after memory counting ran one training step outside train_step()."""
+        self.model.eval()
+        with torch.no_grad():
+            self.model(self.images)
 
     def structure(self) -> dict[str, Metric]:
         return {"parameters": count(sum(q.numel() for q in self.model.parameters()), "1"),
@@ -48,7 +55,7 @@ class TrainingWorkload:
             notes += nvml_notes
             return {name: peak(value) for name, value in peaks.items()}
         counted = memory.counted_training_memory(self.model, self.optimizer, self.loss)
-        self.after_counted_step()
+        self.after_optimizer_step()  # counting ran one optimizer step
         return {**{name: count(value, "byte") for name, value in counted.items()},
                 "peak_rss_bytes": peak(memory.peak_rss_bytes())}
 
