@@ -18,19 +18,11 @@ from cbn.ops import conv_weight_grad_macs
 
 
 def conv_weight_grad_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
-    """fvcore's handle for cbn::conv_weight_grad(input, grad_output, weight_shape, ...): the traced
-    node's shapes into cbn.ops' formula (as fvcore's conv_flop_jit feeds conv_flop_count)."""
+    """fvcore's handle for cbn::conv_weight_grad(input, grad_output, weight, ...): the traced node's
+    shapes into cbn.ops' formula (as fvcore's conv_flop_jit feeds conv_flop_count)."""
     from fvcore.nn.jit_handles import get_shape
 
-    return conv_weight_grad_macs(get_shape(inputs[1]), _int_list(inputs[2]))
-
-
-def _int_list(value: Any) -> list[int]:
-    """An int[] argument of a traced op: a constant, or a prim::ListConstruct of constants."""
-    constant = value.toIValue()
-    if constant is not None:
-        return list(constant)
-    return [item.toIValue() for item in value.node().inputs()]
+    return conv_weight_grad_macs(get_shape(inputs[1]), get_shape(inputs[2]))
 
 
 FVCORE_HANDLES = {"cbn::conv_weight_grad": conv_weight_grad_flop_jit}

@@ -18,6 +18,8 @@ G1 = sum(g) and G2 = sum(g * (x - mu_bar)):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -35,7 +37,7 @@ def combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor, Tensor] | Non
     if past is None:
         return mean, var, 1
     past_mean, past_var, weights = (to_dtype(p, mean.dtype) for p in past)
-    entries = weights.sum() + 1
+    entries = torch.add(weights.sum(), constant(1.0, mean.dtype))
     mean_bar = (mean + past_mean.sum(0)) / entries  # weight-0 slots hold zeros
     current, others = mean - mean_bar, past_mean - mean_bar
     spread = torch.addmv(current * current, (others * others).transpose(0, 1), weights)
@@ -45,6 +47,27 @@ def combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor, Tensor] | Non
 
 def _stats_input(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def constant(value: float | Tensor, dtype: torch.dtype) -> Tensor:
+    """value as a 0-dim CPU tensor of dtype, made once per value. An op given a Python number wraps
+    it in a tensor and converts that to the operand's dtype, four extra dispatches each time; a 0-dim
+    CPU tensor enters an op on any device as a scalar, with no copy and no synchronization. (Under
+    jit tracing, which fvcore uses, a value computed from shapes is a traced tensor: kept as it is.)"""
+    return value if isinstance(value, Tensor) else cached(_constant, float(value), dtype)
+
+
+@functools.lru_cache(maxsize=256)  # bounded: a multi-scale detector sees many position counts
+def _constant(value: float, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(value, dtype=dtype)
+
+
+def cached(factory, *args) -> Tensor:
+    """factory(*args) from its functools.lru_cache, except while torch.jit.trace (fvcore) or
+    torch.compile records the ops being run: a tensor made during one capture must not be reused
+    by another, so a capture makes its own."""
+    capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return factory.__wrapped__(*args) if capturing else factory(*args)
 
 
 def to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -65,7 +88,8 @@ class CrossIterationNorm(torch.autograd.Function):
         mean, var = torch.batch_norm_update_stats(x_stats, None, None, 0.0)
         past = None if past_mean is None else (past_mean, past_var, past_weights)
         mean_bar, var_bar, entries = combine(mean, var, past)
-        count = entries * (x.numel() // x.shape[1])
+        positions = x.numel() // x.shape[1]
+        count = entries * (positions if isinstance(entries, int) else constant(positions, mean.dtype))
         out = torch.native_batch_norm(x, weight, bias, mean_bar, var_bar, False, 0.0, eps)[0]
         ctx.save_for_backward(x, weight, mean_bar, var_bar)
         ctx.count, ctx.eps = count, eps
@@ -81,7 +105,7 @@ class CrossIterationNorm(torch.autograd.Function):
         x, weight, mean_bar, var_bar = ctx.saved_tensors
         count, eps = ctx.count, ctx.eps
         x_stats, g = _stats_input(x), _stats_input(grad_out)
-        r = torch.rsqrt(var_bar + eps)
+        r = torch.rsqrt(var_bar + constant(eps, var_bar.dtype))
         # One fused reduction: with save_mean = mu_bar and save_invstd = r, BN's backward returns
         # r * sum(g * (x - mu_bar)) = r G2, which is dL/d gamma, and G1 = sum(g), which is dL/d beta.
         _, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(

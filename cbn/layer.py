@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
-from cbn.functional import CrossIterationNorm, to_dtype
-from cbn.statgrad import GRAD_PATHS, ConvGeometry, linear_at
+from cbn.functional import CrossIterationNorm, constant, to_dtype
+from cbn.statgrad import GRAD_PATHS, ConvGeometry
 
 _UNSET = object()  # the current iteration's compensated window has not been computed yet
 
@@ -89,7 +89,8 @@ class CrossIterationBatchNorm2d(nn.Module):
     """
 
     # 2: history_valid (one flag per slot) added; a version-1 state gets it from its slot iterations.
-    _version = 2
+    # 3: history_offset_mean and history_offset_sq dropped (they equal mu and 2 nu; see _compensate).
+    _version = 3
 
     def __init__(
         self,
@@ -218,7 +219,10 @@ class CrossIterationBatchNorm2d(nn.Module):
         its running statistics (decided on the device: no host sync)."""
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * (count / max(count - 1, 1) if isinstance(count, int) else count / (count - 1).clamp_min(1))
+        if isinstance(count, int):
+            unbiased = var * (count / max(count - 1, 1))
+        else:
+            unbiased = var * count / torch.sub(count, constant(1, count.dtype)).clamp_min_(1)
         finite = _finite(mean + unbiased)  # inf - inf and nan + x are nan: one test for both
         for running, new in ((self.running_mean, mean), (self.running_var, unbiased)):
             running.lerp_(to_dtype(torch.where(finite, new, running), running.dtype), momentum)
@@ -272,27 +276,37 @@ class CrossIterationBatchNorm2d(nn.Module):
         window = None
         if self.history_mean is not None:
             self._drop_stale_slots()
-            mean, var = self.history_mean, self.history_var
+            mean, var, keep = self.history_mean, self.history_var, self.history_valid
             if self.compensate:
                 mean, var = self._compensate(mean, var)
+                # Finite records can still compensate to inf or nan (a gradient field that overflowed,
+                # a huge weight change): such a slot drops out of this window too.
+                keep = keep & _finite((mean + var).sum(1))
             # A fresh tensor: the cache must not see a later record in this iteration.
-            weights = self.history_valid.to(mean.dtype)
-            keep, zero = self.history_valid.unsqueeze(1), mean.new_zeros(())
+            weights = keep.to(mean.dtype)
+            keep, zero = keep.unsqueeze(1), constant(0.0, mean.dtype)
             window = (torch.where(keep, mean, zero), torch.where(keep, var, zero), weights)
         self._window_cache = window
         return window
 
     def _compensate(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        """Eq. 7-8 for all slots: the recorded (mean, var) moved to the current conv weights."""
+        """Eq. 7-8 for all slots: the recorded (mean, var) moved to the current conv weights.
+
+        The Taylor term needs the linear forms L at the current weights and at the recording ones,
+        and the latter are the recorded statistics themselves: mu and nu are homogeneous of degree
+        1 and 2 in the conv's (weight, bias), so by Euler's theorem L_mu(theta_past) = mu_past and
+        L_nu(theta_past) = 2 nu_past. Hence mu_now = L_mu(theta_t), exact since mu is linear, and
+        nu_now = nu_past + L_nu(theta_t) - 2 nu_past = L_nu(theta_t) - nu_past."""
         path = GRAD_PATHS[self.grad_path]
         fields = {f: getattr(self, "history_" + f) for f in path.field_shapes(self._geometry())}
         weight, bias = self._current_conv_params(mean.dtype)
-        lin_mean, lin_sq = path.linear(fields, weight, bias, mean)
-        d_mean = lin_mean - self.history_offset_mean
-        d_sq = lin_sq - self.history_offset_sq
-        # var(theta_t) = nu + d_nu - (mu + d_mu)^2 with nu = var + mu^2; the clamp is Eq. 10's max.
-        var_now = (var + d_sq).sub_(d_mean * torch.add(d_mean, mean, alpha=2.0)).clamp_min_(0.0)
-        return mean + d_mean, var_now
+        mean_now, lin_sq = path.linear(fields, weight, bias, mean)
+        # nu_now = L_nu(theta_t) - nu_past, nu_past = var + mu^2, built in a fresh (S, C) tensor laid
+        # out like the history (lin_sq is a transposed view: results shaped by it vary in layout with S).
+        nu_now = torch.addcmul(var, mean, mean).neg_().add_(lin_sq)
+        # var_now = nu_now - mu_now^2; the clamp is Eq. 10's max(nu, mu^2).
+        var_now = torch.addcmul(nu_now, mean_now, mean_now, value=-1.0).clamp_min_(0.0)
+        return mean_now, var_now
 
     def _current_conv_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         """The bound conv's weight and bias as constants in the statistics' dtype (callers run
@@ -311,16 +325,14 @@ class CrossIterationBatchNorm2d(nn.Module):
         if self.compensate:
             with profiled("cbn::statistic_gradients"):
                 entry.update(self._statistic_gradients(x, mean, captured))
-        # The (C,) fields suffice: a non-finite gradient field makes its offset non-finite too
-        # (inf * w and nan * w are never finite), so the |W|-sized fields need no test of their own.
-        small = [entry[f] for f in ("mean", "var", "offset_mean", "offset_sq") if f in entry]
-        total = torch.cat(small).sum()  # not finite exactly when an entry is not (barring overflow)
+        total = torch.cat((mean, var)).sum()  # not finite exactly when the statistics are not (barring overflow)
         finite = _finite(total)
         slot = self._iteration % (self.window - 1)
         entry["valid"] = finite
         for field, value in entry.items():
             self._history_buffer(field, value.shape, value)[slot].copy_(value)
-        self.nonfinite_batches.add_(finite.logical_not())
+        count = self.nonfinite_batches
+        count.copy_(torch.where(finite, count, count + 1))
         self._slot_iterations[slot] = self._iteration
 
     def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple | None) -> dict[str, Tensor]:
@@ -332,11 +344,9 @@ class CrossIterationBatchNorm2d(nn.Module):
                 "(cbn.convert(model) pairs them), or use compensate=False."
             )
         dtype = mean.dtype  # float32, or float64 for float64 inputs
-        path = GRAD_PATHS[self.grad_path]
         weight, bias = self._current_conv_params(dtype)
-        fields = path.compute(to_dtype(captured[0], dtype), to_dtype(x, dtype), weight, bias, self._geometry())
-        offset_mean, offset_sq = linear_at(path, fields, weight, bias, mean)
-        return {**fields, "offset_mean": offset_mean, "offset_sq": offset_sq}
+        return GRAD_PATHS[self.grad_path].compute(to_dtype(captured[0], dtype), to_dtype(x, dtype), weight, bias,
+                                                  self._geometry())
 
     def _history_buffer(self, field: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """The (k-1, *shape) buffer of a history field, allocated as zeros (empty, weight 0) on first use."""
@@ -350,7 +360,6 @@ class CrossIterationBatchNorm2d(nn.Module):
     def _history_fields(self) -> list[str]:
         names = ["history_mean", "history_var", "history_valid"]
         if self.compensate and self.window > 1:
-            names += ["history_offset_mean", "history_offset_sq"]
             names += ["history_" + f for f in _all_path_fields(self.grad_path)]
         return names
 
@@ -507,10 +516,14 @@ def _finite(t: Tensor) -> Tensor:
 
 def _upgrade_state(state_dict: dict, prefix: str, version: int | None) -> None:
     """Convert an older layer's state in place. Version 1 had no validity flags; every slot it
-    had filled held finite statistics (it refused non-finite ones)."""
+    had filled held finite statistics (it refused non-finite ones). Versions 1 and 2 also stored
+    each slot's linear forms at its recording weights, which are its mean and twice its mean square."""
     if version == 1 and prefix + "history_mean" in state_dict and prefix + "history_valid" not in state_dict:
         slots = state_dict[prefix + "_extra_state"][1:]
         state_dict[prefix + "history_valid"] = (slots >= 0).to(state_dict[prefix + "history_mean"].device)
+    if version in (1, 2):
+        for field in ("history_offset_mean", "history_offset_sq"):
+            state_dict.pop(prefix + field, None)
 
 
 def _all_path_fields(grad_path: str) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.nn.grad import conv2d_weight
 from torch.utils.flop_counter import register_flop_formula
 
 
@@ -19,19 +18,21 @@ from torch.utils.flop_counter import register_flop_formula
 def conv_weight_grad(
     input: torch.Tensor,
     grad_output: torch.Tensor,
-    weight_shape: list[int],
+    weight: torch.Tensor,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
     groups: int,
 ) -> torch.Tensor:
-    """Gradient of sum(grad_output * conv2d(input, W)) with respect to W (of shape weight_shape)."""
-    return conv2d_weight(input, weight_shape, grad_output.contiguous(), stride, padding, dilation, groups)
+    """Gradient of sum(grad_output * conv2d(input, W)) with respect to W, a tensor shaped like weight
+    (only weight's shape is read: passing the conv's own weight spares allocating a stand-in)."""
+    return torch.ops.aten.convolution_backward(grad_output.contiguous(), input, weight, None, stride, padding, dilation,
+                                               False, [0, 0], groups, [False, True, False])[1]
 
 
 @conv_weight_grad.register_fake
-def _(input, grad_output, weight_shape, stride, padding, dilation, groups):
-    return input.new_empty(weight_shape)
+def _(input, grad_output, weight, stride, padding, dilation, groups):
+    return input.new_empty(weight.shape)
 
 
 def conv_weight_grad_macs(grad_output_shape, weight_shape) -> int:

@@ -6,8 +6,9 @@ respect to the conv's own parameters, to compensate statistics of past iteration
 
 Both paths below describe one past iteration by tensors ("fields") from which a linear form
 L(theta, b) = (L_mu, L_nu) is evaluated, with dmu = L_mu(theta_t) - L_mu(theta_past) and likewise
-for nu. The layer stores L(theta_past) as an offset when it records the iteration, so it never
-keeps a copy of the past weights (the official code kept one per past step).
+for nu. L(theta_past) needs neither the past weights (the official code kept a copy per past step)
+nor a stored value: mu and nu are homogeneous of degree 1 and 2 in (theta, b), so by Euler's
+theorem L_mu(theta_past) = mu_past and L_nu(theta_past) = 2 nu_past, the recorded statistics.
 
 * EfficientPath: d mu_j / d theta is zero off the diagonal j and the same (C_in/groups x K) patch
   mean for every output channel of a group, so it is stored once per group (C_in*K floats in all)
@@ -15,22 +16,24 @@ keeps a copy of the past weights (the official code kept one per past step).
   comes from one weight-gradient convolution with grad_output = 2x/M. A bias adds d mu_j/d b_j = 1
   and d nu_j/d b_j = 2 mu_j. Cost: about one conv forward; memory: |W| + C_in*K.
 
-Both evaluate their linear forms for a stack of S recorded iterations at once (``linear``), so the
-layer compensates its whole window with the same few ops whatever the window size.
 * NaivePath: the dense Jacobians d mu/d theta and d nu/d theta (C_out x C_out x C_in/groups x K
   each) from torch.func.jacrev, contracted in full. O(C_out^2 * C_in * K) time and memory: the
   baseline Appendix B improves on, kept as a reference and for the benchmark.
+
+Both evaluate their linear forms for a stack of S recorded iterations at once (``linear``), so the
+layer compensates its whole window with the same few ops whatever the window size.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cbn.functional import cached, constant
 from cbn.ops import conv_weight_grad
 
 _REDUCE_DIMS = (0, 2, 3)
@@ -79,17 +82,18 @@ class EfficientPath:
 
     @staticmethod
     def compute(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry) -> dict[str, Tensor]:
-        """Statistic gradients at the weights that produced x = conv(y); y and x in the stats dtype."""
-        del weight, bias  # x already carries them
+        """Statistic gradients at the weights that produced x = conv(y); y and x in the stats dtype,
+        weight in that dtype too (only its shape is read: x already carries the weights)."""
+        del bias
         n, _, h, w = x.shape
-        m = n * h * w
         geo = [list(geometry.stride), list(geometry.padding), list(geometry.dilation), geometry.groups]
         # d nu / d theta = conv weight gradient with grad_output 2x/M: scale x or the result,
         # whichever is smaller (x in early layers, the weight in late ones).
-        if x.numel() <= math.prod(geometry.weight_shape):
-            grad_sq = conv_weight_grad(y, x * (2.0 / m), list(geometry.weight_shape), *geo)
+        scale = constant(2.0 / (n * h * w), x.dtype)
+        if x.numel() <= weight.numel():
+            grad_sq = conv_weight_grad(y, x * scale, weight, *geo)
         else:
-            grad_sq = conv_weight_grad(y, x, list(geometry.weight_shape), *geo).mul_(2.0 / m)
+            grad_sq = conv_weight_grad(y, x, weight, *geo).mul_(scale)
         return {"grad_mean": patch_mean(y, geometry, (h, w)), "grad_sq": grad_sq}
 
     @staticmethod
@@ -128,10 +132,17 @@ def patch_mean(y: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int]) -> Te
     _, c_in_per_group, kh, kw = geometry.weight_shape
     out_h, out_w = out_hw
     total = y.sum(0).unsqueeze(1)  # (C_in, 1, H, W)
-    box = total.new_full((1, 1, out_h, out_w), 1.0 / (y.shape[0] * out_h * out_w))
+    box = cached(_box, out_h, out_w, y.shape[0], y.dtype, y.device)
     sums = F.conv2d(total, box, padding=geometry.padding, stride=geometry.dilation, dilation=geometry.stride)
     # Only the first kh x kw offsets are kernel positions (the box output can run a row or more past).
     return sums[:, 0, :kh, :kw].contiguous().view(geometry.groups, c_in_per_group, kh, kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _box(out_h: int, out_w: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """patch_mean's all-1/M kernel, made once per shape and device rather than filled every step
+    (inference's eval mode never calls it; a few dozen shapes cover a multi-scale detector)."""
+    return torch.full((1, 1, out_h, out_w), 1.0 / (n * out_h * out_w), dtype=dtype, device=device)
 
 
 class NaivePath:

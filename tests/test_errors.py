@@ -105,6 +105,22 @@ def test_the_window_statistics_leave_the_bad_entry_out_by_content():
     torch.testing.assert_close(layer.running_mean, (current + good_past) / 2)
 
 
+def test_a_finite_entry_that_compensates_to_nan_leaves_the_window():
+    """A recorded entry can be finite and still compensate to inf or nan (a gradient field that
+    overflowed): the window weighs it 0 then, and the step stays finite."""
+    net = conv_cbn_net(window=3)
+    train(net, batches(3))
+    layer = cbn_layers(net)[0]
+    slot = layer._slot_iterations.index(2)
+    layer.history_grad_sq[slot, 0, 0, 0, 0] = float("nan")  # channel 0 of iteration 2's entry
+    entries = []
+    outs = train(net, batches(1, seed=5), forward=lambda x: (lambda out: (entries.append(layer.window_entries), out)[1])(net(x)))
+    assert entries == [2]  # iteration 3's window: itself and iteration 1; iteration 2 is out
+    assert torch.isfinite(outs[0]).all()
+    assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()
+    assert layer.nonfinite_batches == 0  # no batch was bad: nothing to report
+
+
 def test_non_finite_batches_are_reported_at_eval_and_by_check_finite():
     net = conv_cbn_net(window=3)
     train(net, batches(3))

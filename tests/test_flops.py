@@ -41,7 +41,7 @@ def test_fvcore_handle_counts_cbn_weight_gradients_exactly():
 
 def test_flop_counter_formula_for_the_custom_op():
     y, go = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8)
-    count = counted_flops(lambda: torch.ops.cbn.conv_weight_grad(y, go, [6, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1))
+    count = counted_flops(lambda: torch.ops.cbn.conv_weight_grad(y, go, torch.empty(6, 4, 3, 3), [1, 1], [1, 1], [1, 1], 1))
     assert count == 2 * GRAD_SQ_MACS
 
 
@@ -75,3 +75,19 @@ def test_fvcore_forward_flops_reports_what_it_skipped():
     macs, skipped = fvcore_forward_flops(gated, (x,))
     assert macs == CONV_MACS + 2 * (2 * 6 * 8 * 8)
     assert skipped == {"aten::sigmoid": 1}
+
+
+def test_fvcore_traces_the_layer_again_and_again():
+    """The layer caches small constant tensors (cbn.functional.constant, the box filter); one made
+    while jit traced a step must not reach a later trace, which fails inside the tracer."""
+    from cbn.functional import _constant
+    from cbn.statgrad import _box
+
+    _constant.cache_clear()
+    _box.cache_clear()
+    net, x, step = conv_cbn()
+    counts = []
+    for _ in range(3):  # the first trace is a fresh layer's first call, the first to ask for constants
+        counts.append(fvcore_forward_flops(net, (x,)))
+        step()
+    assert counts[1] == counts[2] > counts[0]  # from the second iteration on, the window compensates

@@ -156,12 +156,12 @@ def test_autocast_bfloat16_on_cpu(grad_path):
 
 
 def test_history_memory_efficient_vs_naive_for_a_256_channel_conv():
-    """(k-1)*(|W| + C_in*K + 4C) floats efficient, and a validity flag (one byte) per past step;
-    the dense path keeps 2*C_out*|W| per past step."""
+    """(k-1)*(|W| + C_in*K + 2C) floats efficient (the mean and variance need no stored offsets), and
+    a validity flag (one byte) per past step; the dense path keeps 2*C_out*|W| per past step."""
     k, c, kernel = 4, 16, 3
     weight_numel = c * c * kernel * kernel
-    for grad_path, per_step in (("efficient", weight_numel + c * kernel * kernel + 4 * c),
-                                ("naive", 2 * c * weight_numel + 4 * c)):
+    for grad_path, per_step in (("efficient", weight_numel + c * kernel * kernel + 2 * c),
+                                ("naive", 2 * c * weight_numel + 2 * c)):
         conv = nn.Conv2d(c, c, kernel, padding=1, bias=False)
         layer = cbn.CrossIterationBatchNorm2d(c, window=k, grad_path=grad_path).bind(conv)
         train(nn.Sequential(conv, layer), batches(k + 1, shape=(2, c, 6, 6)))

@@ -68,17 +68,22 @@ def test_a_checkpoint_from_a_newer_layer_version_is_refused():
         conv_cbn_net(window=3).load_state_dict(state)
 
 
-def test_a_version_1_checkpoint_loads_and_continues_exactly():
-    """Version 1 kept no validity flags (it refused non-finite entries): every filled slot is valid."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_checkpoint_loads_and_continues_exactly(version):
+    """Version 1 kept no validity flags (it refused non-finite entries): every filled slot is valid.
+    Versions 1 and 2 stored two offset fields per slot that version 3 derives from the statistics."""
     inputs = batches(7, dtype=torch.float64)
     net = conv_cbn_net(window=3, dtype=torch.float64)
     train(net, inputs[:4])
     old = net.state_dict()
     for layer in ("1", "4"):
-        del old[f"{layer}.history_valid"]
-        old._metadata[layer]["version"] = 1
+        if version == 1:
+            del old[f"{layer}.history_valid"]
+        old[f"{layer}.history_offset_mean"] = torch.randn_like(old[f"{layer}.history_mean"])
+        old[f"{layer}.history_offset_sq"] = torch.randn_like(old[f"{layer}.history_mean"])
+        old._metadata[layer]["version"] = version
     resumed = conv_cbn_net(window=3, dtype=torch.float64)
-    resumed.load_state_dict(old)
+    resumed.load_state_dict(old)  # strict: the offsets are consumed, nothing is missing
     assert resumed[1].history_valid.tolist() == [True, True]
     reference = copy.deepcopy(net)
     for a, b in zip(train(reference, inputs[4:]), train(resumed, inputs[4:])):

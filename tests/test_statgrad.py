@@ -103,6 +103,22 @@ def test_first_order_term_predicts_the_statistics_under_new_weights():
 
 
 @pytest.mark.parametrize("path", [EfficientPath, NaivePath])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("name", ["3x3", "strided-dilated-padded", "grouped"])
+def test_linear_forms_at_the_recording_weights_are_mu_and_twice_nu(path, name, bias):
+    """Euler's theorem (mu and nu are homogeneous of degree 1 and 2 in weight and bias), which is
+    why the layer keeps no offsets: it compensates with L(theta_t) - (mu, 2 nu)."""
+    conv = make_conv(CONVS[name], bias)
+    y = torch.randn(2, conv.in_channels, 9, 9, dtype=torch.float64)
+    x = conv(y).detach()
+    w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+    mean = x.mean((0, 2, 3))
+    mu, nu = linear_at(path, path.compute(y, x, w, b, ConvGeometry.of(conv)), w, b, mean)
+    assert_close(mu, mean, rtol=1e-12, atol=1e-12)
+    assert_close(nu, 2 * x.square().mean((0, 2, 3)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", [EfficientPath, NaivePath])
 def test_stacked_slots_give_each_slots_own_linear_form(path):
     """The layer evaluates all past slots in one call; each row equals that slot evaluated alone."""
     conv = make_conv(CONVS["grouped"], True)
