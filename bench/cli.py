@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
 
     gate = sub.add_parser("gate", help="compare with the stored baseline under the thresholds; exit 1 on a regression",
                           description=gate_commands.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gate.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to measure (default: all of {', '.join(every)})")
+    gate.add_argument("suites", nargs="*", metavar="SUITE",
+                      help=f"suites to measure, of {', '.join(every)} (default: those the thresholds file has rules for)")
     gate.add_argument("--results", nargs="+", type=Path, metavar="FILE",
                       help="judge these results / micro-benchmark files instead of measuring (no re-measuring)")
     gate.add_argument("--baseline", nargs="+", type=Path, metavar="FILE",
@@ -84,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     baseline.add_argument("--folder", type=Path, default=gate_commands.BASELINES,
                           help=f"where baselines live (default: {gate_commands.BASELINES})")
     baseline.add_argument("suites", nargs="*", metavar="SUITE",
-                          help="suites to measure (default: every suite and the micro-benchmarks)")
+                          help=f"suites to measure (default: those {gate_commands.THRESHOLDS} has rules for)")
     baseline.add_argument("--skip-micro", action="store_true", help="leave the micro-benchmark baseline as it is")
     _measure_options(baseline)
 

@@ -150,7 +150,7 @@ class _GroupRun:
             for case in self.group:
                 self._step(case, "building", lambda c=case: self._start(c))
             for case in self._live():
-                self._step(case, "measuring memory and FLOPs", lambda c=case: self._measure(c))
+                self._step(case, "measuring (the untimed pass)", lambda c=case: self._measure(c))
             self._decide_cache_policy()  # from the measured peaks, before warm-up grows the caches
             for case in self._live():
                 self._step(case, "warming up", lambda c=case: self._warmup(c))

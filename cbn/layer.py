@@ -374,6 +374,15 @@ class CrossIterationBatchNorm2d(nn.Module):
         return [getattr(self, n) for n in self._history_fields() if getattr(self, n) is not None]
 
     @property
+    def past_statistics(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The past iterations' statistics as the last training forward used them: (means,
+        variances, weights), (k-1, C), (k-1, C) and (k-1,), compensated to that iteration's weights
+        (raw for Naive CBN); a slot outside the window has weight 0, mean 0 and variance 0. None
+        while no window exists. ``cbn.functional.combine(mean, var, past)`` with the batch's own
+        statistics gives the window statistics the layer normalized with (Eq. 9-11)."""
+        return self._window_cache if isinstance(self._window_cache, tuple) else None
+
+    @property
     def iteration(self) -> int:
         """Index of the current training iteration (-1 before the first training forward)."""
         return self._iteration

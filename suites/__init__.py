@@ -11,6 +11,7 @@ SUITES = {
     "table6": "suites.table6",
     "gradpath": "suites.gradpath",
     "classify": "suites.classify",
+    "statistics": "suites.statistics",
 }
 PYTEST_SUITES = {
     "micro": Path(__file__).with_name("micro.py"),

@@ -337,3 +337,11 @@ def test_paths_that_disagree_fail_the_gate_saying_so(tmp_path, capsys):
     assert missing.status == "missing"
     assert missing.note == ("not in this run: case naive-3x3-C64 error: naive and efficient paths disagree: "
                             "max relative difference 2.00e-02")
+
+
+def test_by_default_the_gate_measures_the_suites_its_rules_guard():
+    rules = thresholds.load(THRESHOLDS)
+    assert commands._suites([], rules) == ["table6", "gradpath", "classify", "micro"]  # not statistics: nothing timed
+    assert commands._suites(["statistics"], rules) == ["statistics"]
+    with pytest.raises(ValueError, match="unknown suite 'stats'; available: table6, gradpath, classify, statistics, micro"):
+        commands._suites(["stats"], rules)

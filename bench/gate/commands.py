@@ -43,12 +43,15 @@ def measure(names: list[str], profile: str, device: str, threads: int | None, ou
     return found
 
 
-def _suites(names: list[str]) -> list[str]:
+def _suites(names: list[str], rules: list[thresholds.Rule]) -> list[str]:
+    """names, checked; by default every suite the thresholds hold a rule for (a suite with nothing
+    to guard, such as statistics, is not measured)."""
     known = [*session.suite_registry(), *pytest_suites.registry()]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown suite {unknown[0]!r}; available: {', '.join(known)}")
-    return names or known
+    guarded = {rule.suite for rule in rules}
+    return names or [n for n in known if n in guarded]
 
 
 def _planned_sources(names: list[str], profile: str, device: str) -> list[tuple[str, str]]:
@@ -80,7 +83,7 @@ def gate_command(args: argparse.Namespace) -> int:
         notes = sources.pair(baselines, currents)
         verdicts = gate.not_remeasured(gate.evaluate(rules, baselines, currents), "--results")
     else:
-        names = _suites(args.suites)
+        names = _suites(args.suites, rules)
         device = args.device or env.best_device()
         cls = sources.device_class(device, env.device_name(device))
         planned = [(kind, profile, cls) for kind, profile in _planned_sources(names, args.profile, device)]
@@ -119,7 +122,8 @@ def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, str]]) -> 
 
 def baseline_command(args: argparse.Namespace) -> int:
     device = args.device or env.best_device()
-    names = [n for n in _suites(args.suites) if not (args.skip_micro and n in pytest_suites.registry())]
+    guarded = _suites(args.suites, thresholds.load(THRESHOLDS))
+    names = [n for n in guarded if not (args.skip_micro and n in pytest_suites.registry())]
     measured = measure(names, args.profile, device, args.threads, args.out)
     failed = [f"{s.path}: {case} {why}" for s in measured for case, why in s.absent.items() if not why.startswith("skipped")]
     if failed:
