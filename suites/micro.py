@@ -5,8 +5,8 @@ synchronizations one steady-state step dispatches (bench/dispatch.py): determini
 holds at or below the baseline, so that a per-slot loop or a host sync coming back fails CI.
 
 Run by ``python -m bench micro`` (``python3 -m nox -s micro``), which passes the timing options and
-stores pytest-benchmark's JSON under results/micro/; the unit tests never run them. In each group
-("forward", "forward+backward") BN is the reference: the gate reads every norm's median time over
+stores pytest-benchmark's JSON under results/runs/; the unit tests never run them. In each group
+("forward", "forward+backward") BN is the reference: the gate reads every norm's minimum time over
 BN's, measured in the same run.
 """
 
