@@ -34,8 +34,8 @@ def combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor, Tensor] | Non
     mean_j (mu_j - mu_bar)^2, which equals Eq. 10-11's mean_j max(nu_j, mu_j^2) - mu_bar^2 without
     its cancellation (the past var_j are clamped).
     """
-    if past is None:
-        return mean, var, 1
+    if past is None:  # copies: torch.compile cannot wire one tensor returned and saved under two names
+        return mean.clone(), var.clone(), 1
     past_mean, past_var, weights = (to_dtype(p, mean.dtype) for p in past)
     entries = torch.add(weights.sum(), constant(1.0, mean.dtype))
     mean_bar = (mean + past_mean.sum(0)) / entries  # weight-0 slots hold zeros
