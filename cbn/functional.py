@@ -52,8 +52,9 @@ def _stats_input(x: Tensor) -> Tensor:
 def constant(value: float | Tensor, dtype: torch.dtype) -> Tensor:
     """value as a 0-dim CPU tensor of dtype, made once per value. An op given a Python number wraps
     it in a tensor and converts that to the operand's dtype, four extra dispatches each time; a 0-dim
-    CPU tensor enters an op on any device as a scalar, with no copy and no synchronization. (Under
-    jit tracing, which fvcore uses, a value computed from shapes is a traced tensor: kept as it is.)"""
+    CPU tensor enters an elementwise arithmetic op on any device as a scalar, with no copy and no
+    synchronization (torch.where is the exception: it copies it to the device). (Under jit tracing,
+    which fvcore uses, a value computed from shapes is a traced tensor: kept as it is.)"""
     return value if isinstance(value, Tensor) else cached(_constant, float(value), dtype)
 
 

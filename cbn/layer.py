@@ -284,7 +284,9 @@ class CrossIterationBatchNorm2d(nn.Module):
                 keep = keep & _finite((mean + var).sum(1))
             # A fresh tensor: the cache must not see a later record in this iteration.
             weights = keep.to(mean.dtype)
-            keep, zero = keep.unsqueeze(1), constant(0.0, mean.dtype)
+            # torch.where copies a CPU scalar tensor to another device, with a host sync: off CPU, a device zero.
+            zero = constant(0.0, mean.dtype) if mean.device.type == "cpu" else mean.new_zeros(())
+            keep = keep.unsqueeze(1)
             window = (torch.where(keep, mean, zero), torch.where(keep, var, zero), weights)
         self._window_cache = window
         return window
