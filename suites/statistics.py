@@ -138,7 +138,7 @@ class StatisticsWorkload:
         losses: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for step in range(self.p.steps):
             self.batches = (self.batches + [self._batch(step)])[-self.k:]  # the window's batches
-            measured = step > 0 and step % self.p.measure_every == 0
+            measured = step >= self.k - 1 and step > 0 and step % self.p.measure_every == 0  # a full window
             for name in VARIANTS:
                 used, loss = self._train_step(name, record=measured and name in ESTIMATORS)
                 losses[name].append(loss)
