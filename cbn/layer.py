@@ -332,7 +332,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         slot = self._iteration % (self.window - 1)
         entry["valid"] = finite
         for field, value in entry.items():
-            self._history_buffer(field, value.shape, value)[slot].copy_(value)
+            self._history_buffer(field, value)[slot].copy_(value)
         count = self.nonfinite_batches
         count.copy_(torch.where(finite, count, count + 1))
         self._slot_iterations[slot] = self._iteration
@@ -350,12 +350,12 @@ class CrossIterationBatchNorm2d(nn.Module):
         return GRAD_PATHS[self.grad_path].compute(to_dtype(captured[0], dtype), to_dtype(x, dtype), weight, bias,
                                                   self._geometry())
 
-    def _history_buffer(self, field: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """The (k-1, *shape) buffer of a history field, allocated as zeros (empty, weight 0) on first use."""
+    def _history_buffer(self, field: str, value: Tensor) -> Tensor:
+        """The (k-1, *value.shape) buffer of a history field, allocated as zeros (empty, weight 0) on first use."""
         name = "history_" + field
         buffer = getattr(self, name)
         if buffer is None:
-            buffer = like.new_zeros((self.window - 1, *shape))
+            buffer = value.new_zeros((self.window - 1, *value.shape))
             setattr(self, name, buffer)
         return buffer
 

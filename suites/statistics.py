@@ -283,7 +283,7 @@ def _layer_table(run: RunResult, where: str) -> list[Table]:
     ok = _ok(run)
     if not ok:
         return []
-    case = min(ok, key=lambda c: (abs(c.params["window"] - 4), c.params["lr"]))  # k = 4 if measured
+    case = _showcase(ok)
     prefix = "cbn.mean error.layer "
     layers = [name.removeprefix(prefix) for name in case.metrics if name.startswith(prefix)]
     rows = [[layer] + [f"{_value(case, f'{v}.{s} error.layer {layer}'):.3g}" for v in ESTIMATORS for s in ("mean", "var")]
@@ -291,6 +291,11 @@ def _layer_table(run: RunResult, where: str) -> list[Table]:
     columns = ["layer"] + [f"{LABELS[v]} {s} err" for v in ESTIMATORS for s in ("mu", "var")]
     title = f"Estimation error per layer, k={case.params['window']}, lr={case.params['lr']:g}, profile {run.profile}: {where}"
     return [Table(title, columns, rows, ["averaged over the measured steps"])]
+
+
+def _showcase(ok: list[CaseResult]) -> CaseResult:
+    """The case shown per layer and per step: k = 4 (the paper's) if measured, at the lowest lr."""
+    return min(ok, key=lambda c: (abs(c.params["window"] - 4), c.params["lr"]))
 
 
 def _fmt(value: float | None) -> str:
@@ -317,7 +322,7 @@ def figures(run: RunResult, stem: Path) -> list[Path]:
     _finish_axes(ax_pair, "window size k", by_window, f"Statistics error against window size ({run.profile})")
     paths.append(_save(by_window, stem.with_name(stem.name + "_statistics_window.png")))
 
-    case = min(ok, key=lambda c: (abs(c.params["window"] - 4), c.params["lr"]))
+    case = _showcase(ok)
     by_step, ax_pair = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, stat in zip(ax_pair, ("mean", "var")):
         for v in ESTIMATORS:

@@ -24,7 +24,7 @@ def one_conv_net() -> nn.Sequential:
 
 def window_errors(lr: float, window: int = 3, steps: int = 6) -> dict[str, tuple[float, float]]:
     """Train BN, Naive CBN and CBN copies of one_conv_net; the norm layer's errors at the last step."""
-    bn = one_conv_net()
+    bn = one_conv_net().double()
     models = {"bn": bn, "naive_cbn": cbn.convert(copy.deepcopy(bn), window=window, compensate=False),
               "cbn": cbn.convert(copy.deepcopy(bn), window=window)}
     twin = copy.deepcopy(bn)
@@ -33,8 +33,6 @@ def window_errors(lr: float, window: int = 3, steps: int = 6) -> dict[str, tuple
             for _ in range(steps)]
     errors = {}
     for name, model in models.items():
-        model.double()
-        twin.double()
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)  # lr 0 still advances CBN's window
         for step, (x, y) in enumerate(data):
             with estimation.UsedStatistics(model) as used:
