@@ -45,6 +45,15 @@ def combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor, Tensor] | Non
     return mean_bar, var_bar, entries
 
 
+def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x (N, C, H, W). Eagerly BatchNorm's own one-pass
+    kernel; under torch.compile, which has no fake kernel for it, var_mean, which inductor fuses."""
+    if torch.compiler.is_compiling():
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        return mean, var
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
+
+
 def _stats_input(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -85,8 +94,7 @@ class CrossIterationNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, past_mean, past_var, past_weights, eps):
-        x_stats = _stats_input(x)
-        mean, var = torch.batch_norm_update_stats(x_stats, None, None, 0.0)
+        mean, var = batch_statistics(_stats_input(x))
         past = None if past_mean is None else (past_mean, past_var, past_weights)
         mean_bar, var_bar, entries = combine(mean, var, past)
         positions = x.numel() // x.shape[1]

@@ -84,6 +84,17 @@ class CrossIterationBatchNorm2d(nn.Module):
     One training step dispatches the same ops whatever the window: all past slots are compensated
     at once, in two batched contractions, and weighted by their validity on the device.
 
+    Under torch.compile: evaluation mode compiles into the surrounding graph. A training call
+    breaks the graph once, at ``_begin_step``: telling iterations apart reads the parameters'
+    version counters and per-step Python state (iteration, slots), which dynamo would otherwise
+    guard on and recompile for at every step; that bookkeeping runs eagerly, everything else
+    (statistics, compensation, normalization, history writes) is compiled. The graphs settle once
+    the window is full (tested: 7 graphs, 3 breaks for a two-layer net, the same after 8 steps
+    as after 20). Each break splits the enclosing modules' frames, and dynamo compiles a shared
+    frame once per distinct layer shape: in a network with many distinct CBN layers (ResNet-18
+    has 20) some frames reach ``torch._dynamo.config.recompile_limit`` (8) and run eagerly,
+    correct but uncompiled; raise the limit to compile them all.
+
     The layer must be bound to the nn.Conv2d whose output it normalizes (``bind`` or ``cbn.convert``)
     before it trains with compensation. It checks at run time that its input is that conv's output.
     """
@@ -179,33 +190,62 @@ class CrossIterationBatchNorm2d(nn.Module):
         self._check_input(x)
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        if self.compensate and self.window > 1:
-            self._require_conv()  # fail on the first training step, not after burn-in
-        captured, self._captured = self._captured, None
-        self._advance_iteration()
-        # Plain BN only while no window can exist this iteration; the choice must not depend on
-        # whether this call records, or a checkpoint's recompute would run different ops.
-        if self.window == 1 or self._iteration < self.burn_in or x.numel() == 0:
+        plain, fresh, slot, captured = self._begin_step(x)
+        if plain:
             return self._batch_norm(x)
         # The statistics, the history and the compensation run with autocast off: the compensation
         # subtracts nearly equal dot products, which bfloat16/float16 would cancel away.
         with torch.autocast(x.device.type, enabled=False):
-            with profiled("cbn::compensate_window"):
-                past = self._past_window()
-            return self._normalize_with_window(x, past, self._should_record(), captured)
-
-    def _normalize_with_window(self, x: Tensor, past: tuple[Tensor, Tensor, Tensor] | None, record: bool,
-                               captured: tuple | None) -> Tensor:
-        with profiled("cbn::normalize"):
-            past_mean, past_var, past_weights = past if past is not None else (None, None, None)
-            out, mean, var, mean_bar, var_bar, count = CrossIterationNorm.apply(
-                x, self.weight, self.bias, past_mean, past_var, past_weights, self.eps)
-        if record:
-            with profiled("cbn::record_history"):
-                self._record(x, mean, var, captured)
-        with profiled("cbn::running_stats"):
-            self._update_running_stats(mean_bar, var_bar, count)
+            if fresh:
+                with profiled("cbn::compensate_window"):
+                    self._window_cache = self._past_window()
+            past = self._window_cache
+            with profiled("cbn::normalize"):
+                past_mean, past_var, past_weights = past if past is not None else (None, None, None)
+                out, mean, var, mean_bar, var_bar, count = CrossIterationNorm.apply(
+                    x, self.weight, self.bias, past_mean, past_var, past_weights, self.eps)
+            if slot is not None:
+                with profiled("cbn::record_history"):
+                    self._record(slot, x, mean, var, captured)
+            with profiled("cbn::running_stats"):
+                self._update_running_stats(mean_bar, var_bar, count)
         return out
+
+    @torch.compiler.disable
+    def _begin_step(self, x: Tensor) -> tuple[bool, bool, int | None, tuple | None]:
+        """The host-side bookkeeping of a training call, kept out of torch.compile's graphs (it reads
+        parameters' version counters and per-step Python state, which dynamo would guard on and
+        recompile for every step). Returns (plain, fresh, slot, captured):
+
+        * plain: no window can exist this iteration (window 1, burn-in, empty input): run BatchNorm.
+          The choice must not depend on whether this call records, or a checkpoint's recompute would
+          run different ops.
+        * fresh: this iteration's compensated window is still to be computed (first call of the
+          iteration); afterwards ``_window_cache`` holds it (None while no slot was ever filled).
+        * slot: the history slot this call records into, or None if it records nothing (dynamo
+          passes a changing int from a graph break on as a symbolic int: no recompile per slot).
+        * captured: the bound conv's (input, output) of this step, for the statistic gradients.
+        """
+        if self.compensate and self.window > 1:
+            self._require_conv()  # fail on the first training step, not after burn-in
+        captured, self._captured = self._captured, None
+        self._advance_iteration()
+        if self.window == 1 or self._iteration < self.burn_in or x.numel() == 0:
+            return True, False, None, None
+        fresh = self._window_cache is _UNSET
+        if fresh:
+            if self.history_mean is None:
+                self._window_cache, fresh = None, False
+            else:
+                self._drop_stale_slots()
+        if not self._should_record():
+            return False, fresh, None, None
+        if self.compensate:
+            self._check_captured(x, captured)
+        slot = self._iteration % (self.window - 1)
+        self._allocate_history(x)
+        self._slot_iterations[slot] = self._iteration
+        return False, fresh, slot, captured
 
     def _batch_norm(self, x: Tensor) -> Tensor:
         """Window 1: BatchNorm2d itself (same kernel, same running-statistics update)."""
@@ -267,29 +307,22 @@ class CrossIterationBatchNorm2d(nn.Module):
                 self._slot_iterations[s] = -1
 
     @torch.no_grad()
-    def _past_window(self) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _past_window(self) -> tuple[Tensor, Tensor, Tensor]:
         """This iteration's compensated past (mean, var) for every slot, (k-1, C) each, and the slots'
         weights (1 for a recorded finite entry, 0 otherwise; the mean and var of a weight-0 slot
         are 0). Computed once per iteration, for all slots at once: no per-slot ops."""
-        if self._window_cache is not _UNSET:
-            return self._window_cache
-        window = None
-        if self.history_mean is not None:
-            self._drop_stale_slots()
-            mean, var, keep = self.history_mean, self.history_var, self.history_valid
-            if self.compensate:
-                mean, var = self._compensate(mean, var)
-                # Finite records can still compensate to inf or nan (a gradient field that overflowed,
-                # a huge weight change): such a slot drops out of this window too.
-                keep = keep & _finite((mean + var).sum(1))
-            # A fresh tensor: the cache must not see a later record in this iteration.
-            weights = keep.to(mean.dtype)
-            # torch.where copies a CPU scalar tensor to another device, with a host sync: off CPU, a device zero.
-            zero = constant(0.0, mean.dtype) if mean.device.type == "cpu" else mean.new_zeros(())
-            keep = keep.unsqueeze(1)
-            window = (torch.where(keep, mean, zero), torch.where(keep, var, zero), weights)
-        self._window_cache = window
-        return window
+        mean, var, keep = self.history_mean, self.history_var, self.history_valid
+        if self.compensate:
+            mean, var = self._compensate(mean, var)
+            # Finite records can still compensate to inf or nan (a gradient field that overflowed,
+            # a huge weight change): such a slot drops out of this window too.
+            keep = keep & _finite((mean + var).sum(1))
+        # A fresh tensor: the cache must not see a later record in this iteration.
+        weights = keep.to(mean.dtype)
+        # torch.where copies a CPU scalar tensor to another device, with a host sync: off CPU, a device zero.
+        zero = constant(0.0, mean.dtype) if mean.device.type == "cpu" else mean.new_zeros(())
+        keep = keep.unsqueeze(1)
+        return torch.where(keep, mean, zero), torch.where(keep, var, zero), weights
 
     def _compensate(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         """Eq. 7-8 for all slots: the recorded (mean, var) moved to the current conv weights.
@@ -311,14 +344,15 @@ class CrossIterationBatchNorm2d(nn.Module):
         return mean_now, var_now
 
     def _current_conv_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """The bound conv's weight and bias as constants in the statistics' dtype (callers run
-        under no_grad, so no detach is needed; no copy when the dtype already matches)."""
+        """The bound conv's weight and bias as constants in the statistics' dtype, the weight laid
+        out as the history is, contiguous (callers run under no_grad, so no detach is needed; no
+        copy when dtype and layout already match, and a channels_last weight is copied)."""
         conv = self._require_conv()
         bias = None if conv.bias is None else to_dtype(conv.bias, dtype)
-        return to_dtype(conv.weight, dtype), bias
+        return to_dtype(conv.weight, dtype).contiguous(), bias
 
     @torch.no_grad()
-    def _record(self, x: Tensor, mean: Tensor, var: Tensor, captured: tuple | None) -> None:
+    def _record(self, slot: int, x: Tensor, mean: Tensor, var: Tensor, captured: tuple | None) -> None:
         """Store this iteration's statistics (and what compensating them later needs) in its slot.
 
         The entry's validity is decided on the device: a non-finite entry is stored with weight 0,
@@ -329,15 +363,13 @@ class CrossIterationBatchNorm2d(nn.Module):
                 entry.update(self._statistic_gradients(x, mean, captured))
         total = torch.cat((mean, var)).sum()  # not finite exactly when the statistics are not (barring overflow)
         finite = _finite(total)
-        slot = self._iteration % (self.window - 1)
         entry["valid"] = finite
         for field, value in entry.items():
-            self._history_buffer(field, value)[slot].copy_(value)
+            getattr(self, "history_" + field)[slot].copy_(value)
         count = self.nonfinite_batches
         count.copy_(torch.where(finite, count, count + 1))
-        self._slot_iterations[slot] = self._iteration
 
-    def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple | None) -> dict[str, Tensor]:
+    def _check_captured(self, x: Tensor, captured: tuple | None) -> None:
         if captured is None or captured[1] is not x:
             bound = f"'{self._conv_name}'" if self._conv_name else "its bound conv"
             raise RuntimeError(
@@ -345,19 +377,24 @@ class CrossIterationBatchNorm2d(nn.Module):
                 "weight gradient would be wrong. Bind the layer to the nn.Conv2d that directly feeds it "
                 "(cbn.convert(model) pairs them), or use compensate=False."
             )
+
+    def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple) -> dict[str, Tensor]:
         dtype = mean.dtype  # float32, or float64 for float64 inputs
         weight, bias = self._current_conv_params(dtype)
         return GRAD_PATHS[self.grad_path].compute(to_dtype(captured[0], dtype), to_dtype(x, dtype), weight, bias,
                                                   self._geometry())
 
-    def _history_buffer(self, field: str, value: Tensor) -> Tensor:
-        """The (k-1, *value.shape) buffer of a history field, allocated as zeros (empty, weight 0) on first use."""
-        name = "history_" + field
-        buffer = getattr(self, name)
-        if buffer is None:
-            buffer = value.new_zeros((self.window - 1, *value.shape))
-            setattr(self, name, buffer)
-        return buffer
+    def _allocate_history(self, x: Tensor) -> None:
+        """The history buffers, (k-1, *field shape) each, as zeros (empty, weight 0), made on the
+        first record (from a checkpoint, the buffers exist already)."""
+        if self.history_mean is None:
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            shapes = {"mean": (self.num_features,), "var": (self.num_features,), "valid": ()}
+            if self.compensate:
+                shapes.update(GRAD_PATHS[self.grad_path].field_shapes(self._geometry()))
+            for field, shape in shapes.items():
+                kind = torch.bool if field == "valid" else dtype
+                setattr(self, "history_" + field, torch.zeros((self.window - 1, *shape), dtype=kind, device=x.device))
 
     def _history_fields(self) -> list[str]:
         names = ["history_mean", "history_var", "history_valid"]

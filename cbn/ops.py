@@ -26,8 +26,11 @@ def conv_weight_grad(
 ) -> torch.Tensor:
     """Gradient of sum(grad_output * conv2d(input, W)) with respect to W, a tensor shaped like weight
     (only weight's shape is read: passing the conv's own weight spares allocating a stand-in)."""
-    return torch.ops.aten.convolution_backward(grad_output.contiguous(), input, weight, None, stride, padding, dilation,
-                                               False, [0, 0], groups, [False, True, False])[1]
+    # Both operands in one memory format (the input's: channels_last under --channels-last).
+    layout = torch.channels_last if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous() \
+        else torch.contiguous_format
+    return torch.ops.aten.convolution_backward(grad_output.contiguous(memory_format=layout), input, weight, None, stride,
+                                               padding, dilation, False, [0, 0], groups, [False, True, False])[1]
 
 
 @conv_weight_grad.register_fake
