@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from bench import counts, env, profiling, pytest_suites, report, results, session
+from bench import counts, env, modes, profiling, pytest_suites, report, results, session
 from bench.gate import commands as gate_commands
 from bench.session import console
 from bench.suite import Table, load_suite
@@ -67,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
     micro.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
     micro.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     micro.add_argument("--out", type=Path, default=session.DEFAULT_OUT, help=f"folder for the JSON (default: {session.DEFAULT_OUT})")
+    _mode_options(micro)
 
     gate = sub.add_parser("gate", help="compare with the stored baseline under the thresholds; exit 1 on a regression",
                           description=gate_commands.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +99,15 @@ def _suite_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a suite option, e.g. placement=all")
     for key, help_text in SHORTHANDS.items():
         p.add_argument(f"--{key}", help=f"{help_text}; same as --set {key}=...")
+    _mode_options(p)
+
+
+def _mode_options(p: argparse.ArgumentParser) -> None:
+    """The training mode (bench/modes.py), for the suites that take it (table6, classify, micro)."""
+    p.add_argument("--precision", choices=list(modes.PRECISIONS), help="fp32 (default), or bf16 / fp16 autocast "
+                   "(fp16 with a GradScaler, CUDA only); same as --set precision=...")
+    p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (table6: the conv stacks)")
 
 
 SHORTHANDS = {"placement": "table6: heads (paper default) or all (also backbone stages 2-4)",
@@ -111,6 +121,7 @@ def _measure_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the baseline's, else torch's)")
     p.add_argument("--out", type=Path, default=gate_commands.GATE_OUT,
                    help=f"folder for the measurements (default: {gate_commands.GATE_OUT})")
+    _mode_options(p)
 
 
 COMMANDS = {
@@ -210,7 +221,7 @@ def _profiled_cases(args: argparse.Namespace, norms: list[str], device: str) -> 
     if args.suite == "micro":
         from suites import micro as micro_suite
 
-        return micro_suite.cases(norms), "suites.micro", device
+        return micro_suite.cases(norms, modes.from_args(args)), "suites.micro", device
     registry = session.suite_registry()
     p = session.plan(["table6"], args.profile, device, options=suite_options(args, {"table6": load_suite(registry, "table6")}))
     by_name = {c.name: c for c in p.cases}
@@ -223,15 +234,20 @@ def _profiled_cases(args: argparse.Namespace, norms: list[str], device: str) -> 
 def micro(args: argparse.Namespace) -> int:
     out = args.out
     session.check_writable(out)
-    measured, path = pytest_suites.run("micro", args.device or env.best_device(), out, args.threads)
+    device = args.device or env.best_device()
+    mode = modes.from_args(args)
+    mode.check(device)
+    measured, path = pytest_suites.run("micro", device, out, args.threads, mode)
     report.print_tables([pytest_suites.table(measured, str(path))], console)
     console.print(f"results written to:\n  {path}")
     return 0
 
 
 def suite_options(args: argparse.Namespace, suites: dict) -> dict[str, dict[str, str]]:
-    """Each suite's share of --set KEY=VALUE (and its shorthands); a key no suite takes is an error."""
+    """Each suite's share of --set KEY=VALUE (and its shorthands and mode flags); a key no suite
+    takes is an error."""
     pairs = list(args.set) + [f"{k}={getattr(args, k)}" for k in SHORTHANDS if getattr(args, k, None)]
+    pairs += [f"{k}={v}" for k, v in modes.from_args(args).options().items() if v != modes.OPTIONS[k][0]]
     options: dict[str, dict[str, str]] = {name: {} for name in suites}
     for pair in pairs:
         key, sep, value = pair.partition("=")

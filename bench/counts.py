@@ -14,6 +14,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.modes import OPTIONS as MODE_OPTIONS
 from bench.results import ResultsFileError, read_json, write_atomic
 
 SCHEMA = "cbn-bench/counts"
@@ -27,6 +28,9 @@ def release(version: str | None) -> str | None:
 
 
 def key(params: dict, torch_version: str, torchvision_version: str | None, cbn_source: str | None) -> str:
+    # Counts do not depend on the training mode: autocast and channels_last change no operation's
+    # shape, and compiled runs are counted eagerly (bench/modes.py).
+    params = {k: v for k, v in params.items() if k not in MODE_OPTIONS}
     return json.dumps({"params": params, "torch": release(torch_version), "torchvision": release(torchvision_version),
                        "cbn_source": cbn_source}, sort_keys=True)
 

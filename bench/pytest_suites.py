@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from bench.metrics import Metric, count
+from bench.modes import Mode
 from bench import results
 from bench.results import CaseResult, Derived, Environment, ResultsFileError, RunResult, read_json, slug
 from bench.stats import quartiles, ratio_of_medians
@@ -42,8 +43,8 @@ def registry() -> dict[str, Path]:
     return dict(importlib.import_module("suites").PYTEST_SUITES)
 
 
-def run(suite: str, device: str, out: Path, threads: int | None = None) -> tuple[RunResult, Path]:
-    """Run a pytest-benchmark suite in a subprocess; its JSON lands atomically in out."""
+def run(suite: str, device: str, out: Path, threads: int | None = None, mode: Mode = Mode()) -> tuple[RunResult, Path]:
+    """Run a pytest-benchmark suite in a subprocess, in mode; its JSON lands atomically in out."""
     try:
         importlib.import_module("pytest_benchmark")
     except ImportError:
@@ -59,6 +60,7 @@ def run(suite: str, device: str, out: Path, threads: int | None = None) -> tuple
         command += CUDA_TIMING_OPTIONS
     if threads:
         command.append(f"--micro-threads={threads}")
+    command += [f"--micro-{key.replace('_', '-')}={value}" for key, value in mode.options().items()]
     try:
         code = subprocess.run(command, cwd=benchmark_file.parents[1]).returncode
         if not partial.exists():
@@ -90,7 +92,8 @@ def from_json(data: object, path: str) -> RunResult:
         raise ResultsFileError(f"{path}: micro schema version {info.get('schema_version')!r}; this cbn-bench reads "
                                f"{SCHEMA_VERSION}: rerun `python -m bench micro`")
     try:
-        cases = [_case(b) for b in data["benchmarks"]]
+        mode = Mode.of(info.get("mode", {}))  # files written before modes existed ran fp32, eager
+        cases = [_case(b, mode) for b in data["benchmarks"]]
         environment = Environment(**info["environment"])
     except (KeyError, TypeError) as err:
         raise ResultsFileError(f"{path}: malformed micro-benchmark file (missing {err})") from None
@@ -98,14 +101,14 @@ def from_json(data: object, path: str) -> RunResult:
                      schema=SCHEMA, schema_version=info["schema_version"])
 
 
-def _case(benchmark: dict) -> CaseResult:
+def _case(benchmark: dict, mode: Mode) -> CaseResult:
     samples = tuple(float(t) for t in benchmark["stats"]["data"])
     q1, median, q3 = quartiles(samples)
     # pytest-benchmark keeps hundreds of samples: quartiles, no bootstrap (ratios get theirs in the table)
     summary = {"n": len(samples), "median": median, "q1": q1, "q3": q3, "min": min(samples)}
     extra = benchmark["extra_info"]
     params = {"group": benchmark["group"], "norm": extra["norm"], "reference": bool(extra.get("reference")),
-              "shape_nchw": extra.get("shape_nchw")}
+              "shape_nchw": extra.get("shape_nchw"), **mode.options()}
     metrics = {"time": Metric(median, "timing", "s", samples, summary)}
     metrics.update({name: count(extra[name], "1") for name in COUNTED if name in extra})
     return CaseResult("micro", f"{benchmark['group']}/{extra['norm']}", params, "ok", metrics=metrics)
@@ -150,4 +153,5 @@ def table(run: RunResult, path: str = "") -> Table:
     reference = ", ".join(sorted({c.params["norm"] for c in references.values()})) or "none"
     caption = [f"conv 3x3 + norm, training mode; reference {reference}; the gate reads the ratios of minimum times",
                f"device {run.environment.device_name}, profile {run.profile}" + (f"; file {path}" if path else "")]
-    return Table("Layer micro-benchmarks", columns, rows, caption)
+    mode = Mode.of(run.cases[0].params) if run.cases else Mode()
+    return Table(f"Layer micro-benchmarks ({mode.label})", columns, rows, caption)

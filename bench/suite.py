@@ -116,6 +116,20 @@ def stored_profile(cls: type, params: dict, legacy: dict[str, Any]) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in names})
 
 
+def resolve_options(suite: str, allowed: dict[str, tuple[str, ...]], options: dict[str, str] | None) -> dict[str, str]:
+    """Every option of a suite, given or defaulted (the first allowed value); an unknown option or
+    value is a ValueError naming the choices."""
+    options = options or {}
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise ValueError(f"{suite} has no option {', '.join(sorted(unknown))}; it takes {', '.join(allowed)}")
+    chosen = {key: options.get(key, values[0]) for key, values in allowed.items()}
+    for key, value in chosen.items():
+        if value not in allowed[key]:
+            raise ValueError(f"{suite} option {key}={value!r}: choose one of {', '.join(allowed[key])}")
+    return chosen
+
+
 def load_suite(registry: dict[str, str], name: str) -> ModuleType:
     if name not in registry:
         raise ValueError(f"unknown suite {name!r}; available: {', '.join(registry)}")

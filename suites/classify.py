@@ -16,13 +16,13 @@ import torchvision
 from torch import nn
 
 import cbn
-from bench import flops
+from bench import flops, modes
 from bench.metrics import count
 from bench.results import CaseResult, Derived, RunResult
-from bench.suite import Case, Measurement, Table, stored_profile
+from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
 from suites import ratios
 from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, STEP_TIME_OVER_FLOPS, WINDOW
-from suites.workload import NoInputForward, TrainingWorkload
+from suites.workload import NoInputForward, TrainingWorkload, mode_caption
 
 NAME = "classify"
 
@@ -54,7 +54,7 @@ NORMS = {
     "cbn": ("cbn", {"window": WINDOW}, f"CBN k={WINDOW}"),
     "naive_cbn": ("naive_cbn", {"window": WINDOW}, f"Naive CBN k={WINDOW}"),
 }
-OPTIONS: dict[str, tuple[str, ...]] = {}
+OPTIONS = dict(modes.OPTIONS)
 COUNTS: dict[str, str] = {}  # counted in each run: a classification step is cheap to count
 LR = 0.1 * 4 / 256  # the paper's ImageNet rate (0.1 per 256 images), scaled to 4 images
 
@@ -64,11 +64,12 @@ def default_profile(device: str) -> str:
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
-    if options:
-        raise ValueError(f"classify takes no options, got {', '.join(sorted(options))}")
+    mode = modes.Mode.of(resolve_options(NAME, OPTIONS, options))
+    mode.check(device)
     p = PROFILES[profile]
     return [
-        Case(NAME, f"{model}/{name}", {"profile": profile, "settings": settings(p), "model": model, "norm": name},
+        Case(NAME, f"{model}/{name}", {"profile": profile, "settings": settings(p), "model": model, "norm": name,
+                                       **mode.options()},
              group=model, rounds=p.rounds, timeout_s=p.timeout_s, kept_per_round=p.kept_per_round)
         for model in p.models for name in p.norms
     ]
@@ -103,6 +104,8 @@ class ClassifyWorkload(TrainingWorkload):
         self.labels = torch.randint(0, 1000, (p.images_per_device,), generator=gen).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
         self.steps_done = 0
+        self.mode = modes.Mode.of(params)
+        self.enter_mode()
 
     def loss(self) -> torch.Tensor:
         self.model.train()
@@ -149,7 +152,8 @@ def tables(run: RunResult) -> list[Table]:
         rows = [_row(c, derived) for c in cases_here if c.params["model"] == model]
         p = profile_of(cases_here[0].params)
         title = (f"Classification, profile {run.profile}: {_model_label(model)}, every BN replaced, "
-                 f"{p.images_per_device} x {p.image_px}x{p.image_px} images, on {run.environment.device_name}")
+                 f"{p.images_per_device} x {p.image_px}x{p.image_px} images, {modes.Mode.of(cases_here[0].params).label}, "
+                 f"on {run.environment.device_name}")
         out.append(Table(title, ["norm", *ratios.COLUMNS], rows, _caption(run, model, derived)))
     return out
 
@@ -177,6 +181,7 @@ def _caption(run: RunResult, model: str, derived: dict[str, Derived]) -> list[st
         f"iter/s: 1 / median of {ratios.samples(cases_here)} samples from interleaved rounds "
         f"({ratios.sampling_text(cases_here, run.device)}); ratios to BN with bootstrap 95% intervals; "
         "random weights, synthetic images, SGD with momentum; GN: 32 groups",
+        *mode_caption(modes.Mode.of(cases_here[0].params), "the whole model"),
     ]
     check = derived.get(f"{model}.{STEP_TIME_OVER_FLOPS}")
     if check is not None:

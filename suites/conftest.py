@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench import env
+from bench.modes import OPTIONS, Mode
 
 MICRO_SCHEMA = "cbn-bench/micro"
 MICRO_SCHEMA_VERSION = 1
@@ -20,6 +21,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("cbn-bench micro-benchmarks")
     group.addoption("--micro-device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     group.addoption("--micro-threads", type=int, help="torch CPU threads (default: torch's)")
+    for key, values in OPTIONS.items():  # the training mode (bench/modes.py)
+        group.addoption(f"--micro-{key.replace('_', '-')}", choices=values, default=values[0], help=f"default: {values[0]}")
 
 
 def _device(config: pytest.Config) -> str:
@@ -32,6 +35,15 @@ def micro_device(request: pytest.FixtureRequest) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.exit("--micro-device cuda, but torch sees no CUDA device", returncode=2)
     return torch.device(device)
+
+
+@pytest.fixture(scope="session")
+def micro_mode(request: pytest.FixtureRequest) -> Mode:
+    return _mode(request.config)
+
+
+def _mode(config: pytest.Config) -> Mode:
+    return Mode.of({key: config.getoption(f"--micro-{key.replace('_', '-')}") for key in OPTIONS})
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,5 +65,6 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "device": device,
         "profile": device,  # suites/micro.py's SHAPES are per device type
         "timer": str(config.getoption("benchmark_timer", None) or "time.perf_counter"),
+        "mode": _mode(config).options(),
         "environment": dataclasses.asdict(dataclasses.replace(env.capture(device), command=_command())),
     }

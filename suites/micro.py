@@ -8,6 +8,12 @@ Run by ``python -m bench micro`` (``python3 -m nox -s micro``), which passes the
 stores pytest-benchmark's JSON under results/runs/; the unit tests never run them. In each group
 ("forward", "forward+backward") BN is the reference: the gate reads every norm's minimum time over
 BN's, measured in the same run.
+
+``--micro-precision``, ``--micro-channels-last`` and ``--micro-compile`` (what ``python -m bench micro
+--precision bf16 --channels-last --compile`` passes) run the step in a training mode (bench/modes.py):
+autocast around the forward, the block and its tensors channels_last, the block compiled in place
+(``nn.Module.compile``). Dispatch counts are taken in eager modes only: a compiled step's aten
+calls are inductor's kernels, not the layer's dispatches.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 
 import cbn
 from bench.dispatch import count_dispatches
+from bench.modes import Mode
 from bench.suite import Case
 from suites.constants import CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE, WINDOW
 from suites.gradpath import naive_bytes_estimate
@@ -64,12 +71,17 @@ def _skip_unless_it_fits(norm: str, shape: tuple[int, ...], device: torch.device
 class LayerStep:
     """One training iteration of a conv + norm block: forward, and backward for "forward+backward"."""
 
-    def __init__(self, norm: str, shape: tuple[int, ...], device: torch.device, op: str = "forward+backward") -> None:
-        self.block = conv_norm_block(norm, shape[1], device)
+    def __init__(self, norm: str, shape: tuple[int, ...], device: torch.device, op: str = "forward+backward",
+                 mode: Mode = Mode()) -> None:
+        self.block = mode.memory_format(conv_norm_block(norm, shape[1], device))
         self.params = list(self.block.parameters())
-        self.x = torch.randn(shape, device=device)
-        self.grad = torch.randn(shape, device=device)
+        layout = torch.channels_last if mode.channels_last else torch.contiguous_format
+        self.x = torch.randn(shape, device=device).contiguous(memory_format=layout)
+        self.grad = torch.randn(shape, device=device).contiguous(memory_format=layout)
         self.op = op
+        self.mode = mode
+        if mode.compile:
+            mode.compile_in_place(self.block)
 
     def __call__(self) -> None:
         # Each call is a new training iteration for CBN, whose window advances when its conv's
@@ -77,7 +89,8 @@ class LayerStep:
         for p in self.params:
             torch.autograd.graph.increment_version(p)
             p.grad = None
-        out = self.block(self.x)
+        with self.mode.autocast(self.x.device):
+            out = self.block(self.x)
         if self.op == "forward+backward":
             out.backward(self.grad)
 
@@ -88,10 +101,11 @@ class LayerStep:
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("op", OPS)
-def test_conv_norm(benchmark, request: pytest.FixtureRequest, micro_device: torch.device, op: str, norm: str) -> None:
+def test_conv_norm(benchmark, request: pytest.FixtureRequest, micro_device: torch.device, micro_mode: Mode, op: str,
+                   norm: str) -> None:
     shape = SHAPES[micro_device.type]
     _skip_unless_it_fits(norm, shape, micro_device)
-    layer_step = LayerStep(norm, shape, micro_device, op)
+    layer_step = LayerStep(norm, shape, micro_device, op, micro_mode)
     # With bench.cuda_clock (what `python -m bench micro` passes on CUDA) the clock waits for the
     # device itself, so calls queue back to back as in training.
     event_clock = "cuda_clock" in str(request.config.getoption("benchmark_timer", ""))
@@ -104,7 +118,7 @@ def test_conv_norm(benchmark, request: pytest.FixtureRequest, micro_device: torc
     layer_step.fill_window()
     benchmark.group = op
     benchmark.extra_info.update(norm=norm, reference=norm == REFERENCE, shape_nchw=list(shape))
-    if op == "forward+backward":  # one steady-state training step, counted before it is timed
+    if op == "forward+backward" and not micro_mode.compile:  # one steady-state training step, counted before it is timed
         benchmark.extra_info.update(dataclasses.asdict(count_dispatches(layer_step)))
     benchmark(step)
 
@@ -113,8 +127,8 @@ def test_conv_norm(benchmark, request: pytest.FixtureRequest, micro_device: torc
 class LayerWorkload:
     """The micro-benchmark's forward+backward step as a worker's workload (bench/profiling.py)."""
 
-    def __init__(self, norm: str, device: str) -> None:
-        self.step = LayerStep(norm, SHAPES[torch.device(device).type], torch.device(device))
+    def __init__(self, norm: str, device: str, mode: Mode = Mode()) -> None:
+        self.step = LayerStep(norm, SHAPES[torch.device(device).type], torch.device(device), mode=mode)
 
     def warmup(self) -> None:
         self.step.fill_window()
@@ -123,12 +137,12 @@ class LayerWorkload:
         return {"train": self.step}
 
 
-def cases(norms: list[str]) -> list[Case]:
+def cases(norms: list[str], mode: Mode = Mode()) -> list[Case]:
     unknown = [n for n in norms if n not in NORMS]
     if unknown:
         raise ValueError(f"the micro-benchmarks have no norm {unknown[0]!r}; they have {', '.join(NORMS)}")
-    return [Case("micro", norm, {"norm": norm}) for norm in norms]
+    return [Case("micro", norm, {"norm": norm, **mode.options()}) for norm in norms]
 
 
 def build(case: Case, device: str) -> LayerWorkload:
-    return LayerWorkload(case.params["norm"], device)
+    return LayerWorkload(case.params["norm"], device, Mode.of(case.params))

@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import counts, flops
+from bench import counts, flops, modes
 from bench.metrics import count
 from bench.results import CaseResult, Derived, RunResult
-from bench.suite import Case, Measurement, Table, stored_profile
+from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
 from suites import ratios
 from suites.constants import STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
 from suites.data import synthetic_batch
 from suites.models import DetectorSpec, ProposalsAroundObjects, build_detector
-from suites.workload import NoInputForward, TrainingWorkload
+from suites.workload import NoInputForward, TrainingWorkload, mode_caption
 
 NAME = "table6"
 
@@ -64,7 +64,7 @@ NORMS = {
     "none": ("none", {}, "- (no norm)"),
 }
 PAPER_RATIOS = {"gn": (1.00, 1.023, 0.92, 0.60), "cbn": (1.07, 1.127, 0.77, 1.00)}
-OPTIONS = {"arch": ("mask_rcnn", "faster_rcnn"), "depth": ("50", "101"), "placement": ("heads", "all")}
+OPTIONS = {"arch": ("mask_rcnn", "faster_rcnn"), "depth": ("50", "101"), "placement": ("heads", "all"), **modes.OPTIONS}
 BASE_LR = 0.02
 COUNTS = {"train_step_flops": "flop", "forward_macs": "mac", "inference_forward_macs": "mac"}  # device-independent
 
@@ -74,7 +74,8 @@ def default_profile(device: str) -> str:
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
-    options = _check_options(options or {})
+    options = resolve_options(NAME, OPTIONS, options)
+    modes.Mode.of(options).check(device)
     p = PROFILES[profile]
     out = []
     for name in p.norms:
@@ -94,17 +95,6 @@ def settings(p: Profile) -> dict:
 
 def profile_of(params: dict) -> Profile:
     return stored_profile(Profile, params, LEGACY_PROFILES)
-
-
-def _check_options(options: dict[str, str]) -> dict[str, str]:
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"table6 has no option {', '.join(sorted(unknown))}; it takes {', '.join(OPTIONS)}")
-    chosen = {key: options.get(key, values[0]) for key, values in OPTIONS.items()}
-    for key, value in chosen.items():
-        if value not in OPTIONS[key]:
-            raise ValueError(f"table6 option {key}={value!r}: choose one of {', '.join(OPTIONS[key])}")
-    return chosen
 
 
 # ---------------------------------------------------------------------- the workload (in the worker)
@@ -128,6 +118,8 @@ class DetectionWorkload(TrainingWorkload):
         self.images, self.targets = synthetic_batch(p.images_per_device, p.height_px, p.width_px, seed=0, device=self.device)
         trainable = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = torch.optim.SGD(trainable, lr=BASE_LR, momentum=0.9, weight_decay=1e-4)
+        self.mode = modes.Mode.of(params)
+        self.enter_mode()
         # Detectron's linear warm-up (factor 0.001 over 1000 iterations): the benchmark's few dozen
         # steps stay in it, so random-weight training does not diverge.
         self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=0.001, total_iters=1000)
@@ -138,6 +130,12 @@ class DetectionWorkload(TrainingWorkload):
 
     def after_optimizer_step(self) -> None:
         self.scheduler.step()
+
+    def compile_targets(self) -> list[nn.Module]:
+        # The conv stacks: torchvision's detection models do not compile whole (the RPN's and the
+        # RoI heads' sampling and box decoding are data-dependent).
+        heads = self.model.roi_heads
+        return [m for m in (self.model.backbone, heads.box_head, getattr(heads, "mask_head", None)) if m is not None]
 
     def reuse_counts(self, entry: dict) -> None:
         self.known_counts = entry
@@ -212,9 +210,10 @@ def tables(run: RunResult) -> list[Table]:
     p = profile_of(params)
     rows = [_row(c, derived) for c in cases_here]
     arch = "Mask R-CNN" if params["arch"] == "mask_rcnn" else "Faster R-CNN"
+    mode = modes.Mode.of(params)
     title = (f"Table 6, profile {run.profile}: {arch} R{params['depth']}-FPN, norm in {_placement(params['placement'])}, "
              f"{p.images_per_device} x {p.width_px}x{p.height_px} images, {p.sampled_rois_per_image} RoIs/image, "
-             f"on {run.environment.device_name}")
+             f"{mode.label}, on {run.environment.device_name}")
     columns = ["norm", *ratios.COLUMNS, "paper xBN mem/FLOPs/train/infer"]
     return [Table(title, columns, rows, _caption(run, derived))]
 
@@ -245,6 +244,8 @@ def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
         "ratios to BN with bootstrap 95% intervals; the paper's ratios are from its Table 6 (V100, 1333x800, 4 img/GPU)",
         "GN: 32 groups; CBN: efficient statistic-gradient path; -: frozen BN backbone and no norm in FPN and heads",
         "SyncBN*: one process, where SyncBN is plain BN: no synchronization is measured",
+        *mode_caption(modes.Mode.of(cases_here[0].params), "the conv stacks (backbone with FPN, box head, mask head); "
+                      "the RPN and the RoI heads' sampling run eagerly"),
     ]
     check = derived.get(STEP_TIME_OVER_FLOPS)
     if check is not None:
@@ -255,3 +256,4 @@ def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
 
 def figures(run: RunResult, stem: Path) -> list[Path]:
     return []  # Table 6 is a table
+

@@ -1,8 +1,11 @@
 """What table6's and classify's workloads share: a model trained by SGD steps, measured for memory
 and structure, warmed up, and timed round by round (train step and inference), in its worker.
 
-A subclass sets ``model``, ``optimizer``, ``device``, ``profile`` (with ``warmup_steps``) and
-``images`` (what inference feeds the model), and defines ``loss()``.
+A subclass sets ``model``, ``optimizer``, ``device``, ``profile`` (with ``warmup_steps``),
+``images`` (what inference feeds the model) and ``mode`` (bench/modes.py), defines ``loss()``, and
+calls ``enter_mode()`` once the model and images exist. In a compiled mode the model (or what
+``compile_targets`` names) is compiled when warm-up starts: FLOPs and memory are measured eagerly,
+in the mode's precision and memory format, and only the timed steps run compiled.
 """
 
 from __future__ import annotations
@@ -13,9 +16,15 @@ import torch
 from torch import nn
 
 from bench import memory
+from bench.modes import Mode, optimizer_step
 from bench.metrics import Metric, count, peak
 from bench.timing import synchronize, time_call
 from suites.constants import WINDOW
+
+
+# Dynamo compiles a frame once per distinct layer shape after each CBN graph break (see
+# CrossIterationBatchNorm2d's docstring); 8, its default, leaves a ResNet's later layers eager.
+RECOMPILE_LIMIT = 64
 
 
 class TrainingWorkload:
@@ -23,25 +32,49 @@ class TrainingWorkload:
     optimizer: torch.optim.Optimizer
     device: torch.device
     images: object
+    mode: Mode = Mode()
+    scaler: torch.amp.GradScaler | None = None
+    compiled: bool = False
     steps_done: int = 0
     inference_warmup_calls = 1
 
     def loss(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules a compiled mode compiles in place (nn.Module.compile): the whole model by default."""
+        return [self.model]
+
+    def enter_mode(self) -> None:
+        self.mode.memory_format(self.model)
+        if self.mode.channels_last and isinstance(self.images, torch.Tensor):
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.scaler = self.mode.grad_scaler(self.device)
+
+    def compile_now(self) -> None:
+        if self.mode.compile and not self.compiled:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            for module in self.compile_targets():
+                self.mode.compile_in_place(module)
+            self.compiled = True
+
+    def mode_loss(self) -> torch.Tensor:
+        """loss() under the mode's autocast (the backward runs outside it, as torch.amp prescribes)."""
+        with self.mode.autocast(self.device):
+            return self.loss()
+
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step, train_step's and memory counting's (e.g. a scheduler)."""
 
     def train_step(self) -> None:
         self.steps_done += 1
-        self.loss().backward()
-        self.optimizer.step()
+        optimizer_step(self.mode_loss(), self.optimizer, self.scaler)
         self.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def inference(self) -> None:
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.mode.autocast(self.device):
             self.model(self.images)
 
     def structure(self) -> dict[str, Metric]:
@@ -54,16 +87,21 @@ class TrainingWorkload:
             peaks, nvml_notes = memory.cuda_peak_memory(self.train_step, self.device)
             notes += nvml_notes
             return {name: peak(value) for name, value in peaks.items()}
-        counted = memory.counted_training_memory(self.model, self.optimizer, self.loss)
+        counted = memory.counted_training_memory(self.model, self.optimizer, self.mode_loss)
         self.after_optimizer_step()  # counting ran one optimizer step
         return {**{name: count(value, "byte") for name, value in counted.items()},
                 "peak_rss_bytes": peak(memory.peak_rss_bytes())}
 
     def warmup(self) -> None:
+        self.compile_now()
         for _ in range(max(self.profile.warmup_steps, WINDOW + 1 - self.steps_done)):  # and CBN's window full
             self.train_step()
         for _ in range(self.inference_warmup_calls):
             self.inference()
+        # Then the timed rounds' cycle once more (training after evaluation): compiled, the
+        # switch back to training mode guards graphs of its own, which must not compile while timed.
+        self.train_step()
+        self.inference()
         synchronize(self.device)
 
     def profiled_steps(self) -> dict[str, Callable[[], None]]:
@@ -88,3 +126,20 @@ class NoInputForward(nn.Module):
 
     def forward(self):
         return self._fn()
+
+
+def mode_caption(mode: Mode, compiled_part: str) -> list[str]:
+    """Caption lines saying what a table's training mode means for its figures."""
+    lines = []
+    if mode.precision != "fp32":
+        lines.append(f"{mode.precision}: torch.autocast around each forward"
+                     + (", a GradScaler on the loss" if mode.precision == "fp16" else "")
+                     + "; train-step FLOPs counted under that autocast, fwd MACs traced in fp32 (a count does not depend "
+                       "on precision); CBN's statistics and history stay float32")
+    if mode.channels_last:
+        lines.append("channels_last: the model's weights (and image batches) in channels_last memory format")
+    if mode.compile:
+        lines.append(f"compiled (torch.compile, inductor, default mode): {compiled_part}; FLOPs and memory measured "
+                     f"before compiling; dynamo's recompile_limit raised to {RECOMPILE_LIMIT} (CBN breaks the graph once "
+                     "per layer)")
+    return lines

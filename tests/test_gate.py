@@ -14,6 +14,7 @@ from bench import cli, pytest_suites
 from bench.gate import commands, sources, verdicts
 from bench.gate import rules as thresholds
 from bench.gate.sources import Metric, Source
+from bench.modes import Mode
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "results" / "baselines" / "cpu" / "quick.json"
@@ -194,7 +195,7 @@ def measured_gate(tmp_path, monkeypatch, capsys, measurements: list[dict[str, fl
     baseline = source({"table6.flops": Metric(100.0, False), "table6.ratio": Metric(0.8, True)})
     calls = []
 
-    def fake_measure(names, profile, device, threads, out):
+    def fake_measure(names, profile, device, threads, out, mode):
         figures = measurements[len(calls)]
         calls.append(list(names))
         return [source({"table6.flops": Metric(figures["flops"], False), "table6.ratio": Metric(figures["ratio"], True)})]
@@ -282,13 +283,13 @@ def test_spread_reports_the_widest_pairwise_drift_of_timing_metrics(tmp_path, ca
 def test_measuring_the_micro_suite_reads_the_file_it_ran(tmp_path, monkeypatch):
     ran = []
 
-    def fake_run(suite, device, out, threads):
-        ran.append((suite, device, out, threads))
+    def fake_run(suite, device, out, threads, mode):
+        ran.append((suite, device, out, threads, mode))
         return pytest_suites.load(MICRO_BASELINE), MICRO_BASELINE
 
     monkeypatch.setattr(pytest_suites, "run", fake_run)
     (found,) = commands.measure(["micro"], "quick", "cpu", 2, tmp_path)
-    assert ran == [("micro", "cpu", tmp_path, 2)]
+    assert ran == [("micro", "cpu", tmp_path, 2, Mode())]
     assert found.path == str(MICRO_BASELINE) and found.suites == ("micro",)
 
 

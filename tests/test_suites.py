@@ -74,7 +74,7 @@ def test_classify_cases_group_each_model_and_ratios_stay_within_it():
     cases = classify.cases("cpu", "cpu")
     assert [c.name for c in cases][:4] == ["resnet18/bn", "resnet18/gn", "resnet18/cbn", "resnet18/naive_cbn"]
     assert {c.group for c in cases} == {"resnet18", "resnet50"}  # norms timed interleaved per model
-    with pytest.raises(ValueError, match="classify takes no options, got depth"):
+    with pytest.raises(ValueError, match="classify has no option depth"):
         classify.cases("cpu", "cpu", {"depth": "50"})
     settings = classify.settings(classify.PROFILES["cpu"])
 

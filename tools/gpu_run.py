@@ -12,7 +12,9 @@ and refuse a plan over the budget; (4) run one steady-state CBN training step un
 torch.cuda.set_sync_debug_mode("error"), which raises at any op that makes the host wait for the
 device (the layer promises none); (5) run `python -m bench baseline table6 gradpath micro` (table6
 and gradpath in one run under results/runs/, then the micro-benchmarks), which writes
-results/baselines/<GPU>/ when every case succeeded. A run stopped by SIGINT (`timeout -s INT`) still stores every finished case.
+results/baselines/<GPU>/ when every case succeeded; (6) when the budget allows, table6 again in
+bf16 autocast with channels_last (its own baseline, paper-bf16-channels_last-eager.json), then a
+CBN-against-BN torch.profiler report. A run stopped by SIGINT (`timeout -s INT`) still stores every finished case.
 FLOP counts come from results/counts/ when they were counted for the same settings and
 torch/torchvision releases (`python -m bench counts`), so the GPU's minutes go to what only it
 can measure.
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds, lines = estimate(plan.cases, known, args.device, not args.skip_micro)
     print(f"gpu-run plan on {env.device_name(args.device)}, profile {args.profile}:", *lines, sep="\n  ")
     print(f"  estimated total: {seconds / 60:.1f} min (budget {args.budget_s / 60:.1f} min); then, if time allows, "
-          f"a CBN-against-BN profile (about {profile_seconds(args.device) / 60:.1f} min)", flush=True)
+          f"table6 in bf16 + channels_last and a CBN-against-BN profile (about {profile_seconds(args.device) / 60:.1f} min)",
+          flush=True)
     if seconds > args.budget_s:
         raise SystemExit(f"gpu-run: the plan's estimate, {seconds:.0f} s, is over the budget of {args.budget_s:.0f} s: "
                          "lower the profile's rounds or raise --budget-s")
@@ -162,6 +165,16 @@ def main(argv: list[str] | None = None) -> int:
                "--out", str(args.out), "--folder", str(args.baselines)]
     print("running:", " ".join(command), flush=True)
     code = subprocess.run(command).returncode
+    mixed_s = estimate(session.plan(["table6"], args.profile, args.device).cases, known, args.device, False)[0]
+    left = args.budget_s - (time.perf_counter() - started)
+    if left >= mixed_s:  # the training mode people use today, as its own baseline (bench/modes.py)
+        command = [sys.executable, "-m", "bench", "baseline", "table6", "--profile", args.profile, "--device", args.device,
+                   "--precision", "bf16", "--channels-last", "--out", str(args.out), "--folder", str(args.baselines)]
+        print(f"{left:.0f} s of the budget left: table6 in bf16 + channels_last:", " ".join(command), flush=True)
+        code = max(code, subprocess.run(command).returncode)
+    else:
+        print(f"gpu-run: {left:.0f} s of the budget left, too little for table6 in bf16 + channels_last "
+              f"(about {mixed_s:.0f} s)", flush=True)
     left = args.budget_s - (time.perf_counter() - started)
     if left >= profile_seconds(args.device):
         command = [sys.executable, "-m", "bench", "profile", "--profile", args.profile, "--device", args.device,

@@ -13,11 +13,12 @@ import argparse
 import os
 from pathlib import Path
 
-from bench import env, pytest_suites, report, results, session
+from bench import env, modes, pytest_suites, report, results, session
 from bench.gate import rules as thresholds
 from bench.gate import sources
 from bench.gate import verdicts as gate
 from bench.gate.sources import Source
+from bench.suite import load_suite
 
 BASELINES = Path("results") / "baselines"
 THRESHOLDS = Path("results") / "thresholds.toml"
@@ -26,18 +27,22 @@ GATE_PROFILE = "quick"
 
 
 # ---------------------------------------------------------------------- measuring
-def measure(names: list[str], profile: str, device: str, threads: int | None, out: Path) -> list[Source]:
-    """Run the named suites (harness suites in one run, then each pytest-benchmark suite) into sources."""
+def measure(names: list[str], profile: str, device: str, threads: int | None, out: Path,
+            mode: modes.Mode = modes.Mode()) -> list[Source]:
+    """Run the named suites (harness suites in one run, then each pytest-benchmark suite) into
+    sources, in mode (the suites that take no mode run as they always do)."""
     found = []
     pytest_names = [n for n in names if n in pytest_suites.registry()]
     harness = [n for n in names if n not in pytest_names]
     if harness:
-        run, paths, interrupted = session.execute(session.plan(harness, profile, device), threads, out)
+        registry = session.suite_registry()
+        options = {n: mode.options() for n in harness if modes.takes_mode(load_suite(registry, n))}
+        run, paths, interrupted = session.execute(session.plan(harness, profile, device, options=options), threads, out)
         if interrupted:
             raise KeyboardInterrupt
         found.append(sources.from_run(run, str(paths[0]), results.SCHEMA_VERSION))
     for name in pytest_names:
-        measured, path = pytest_suites.run(name, device, out, threads)
+        measured, path = pytest_suites.run(name, device, out, threads, mode)
         report.print_tables([pytest_suites.table(measured, str(path))], session.console)
         found.append(sources.from_run(measured, str(path), measured.schema_version))
     return found
@@ -54,11 +59,11 @@ def _suites(names: list[str], rules: list[thresholds.Rule]) -> list[str]:
     return names or [n for n in known if n in guarded]
 
 
-def _planned_sources(names: list[str], profile: str, device: str) -> list[tuple[str, str]]:
-    """(kind, profile) of the files a measurement of names will produce."""
+def _planned_sources(names: list[str], profile: str, device: str, mode: modes.Mode) -> list[tuple[str, str, modes.Mode]]:
+    """(kind, profile, mode) of the files a measurement of names will produce."""
     pytest_names = [n for n in names if n in pytest_suites.registry()]
-    kinds = [(results.SCHEMA, profile)] if len(pytest_names) < len(names) else []
-    return kinds + ([(pytest_suites.SCHEMA, device)] if pytest_names else [])
+    kinds = [(results.SCHEMA, profile, mode)] if len(pytest_names) < len(names) else []
+    return kinds + ([(pytest_suites.SCHEMA, device, mode)] if pytest_names else [])
 
 
 def _threads(args: argparse.Namespace, baselines: list[Source]) -> tuple[int | None, list[str]]:
@@ -79,17 +84,18 @@ def gate_command(args: argparse.Namespace) -> int:
         raise ValueError("give SUITEs to measure or --results FILEs to judge, not both")
     if args.results:
         currents = [sources.load_source(p) for p in args.results]
-        baselines = _baselines(args.baseline, [(c.kind, c.profile, c.device_class) for c in currents])
+        baselines = _baselines(args.baseline, [(c.kind, c.profile, c.mode, c.device_class) for c in currents])
         notes = sources.pair(baselines, currents)
         verdicts = gate.not_remeasured(gate.evaluate(rules, baselines, currents), "--results")
     else:
         names = _suites(args.suites, rules)
         device = args.device or env.best_device()
+        mode = _mode(args, device)
         cls = sources.device_class(device, env.device_name(device))
-        planned = [(kind, profile, cls) for kind, profile in _planned_sources(names, args.profile, device)]
+        planned = [(kind, profile, m, cls) for kind, profile, m in _planned_sources(names, args.profile, device, mode)]
         baselines = _baselines(args.baseline, planned)
         threads, notes = _threads(args, baselines)
-        currents = measure(names, args.profile, device, threads, args.out)
+        currents = measure(names, args.profile, device, threads, args.out, mode)
         notes += sources.pair(baselines, currents)
         verdicts = gate.evaluate(rules, baselines, currents)
         again = sorted(gate.needs_remeasure(verdicts))
@@ -97,7 +103,7 @@ def gate_command(args: argparse.Namespace) -> int:
             verdicts = gate.not_remeasured(verdicts, "--no-retry")
         elif again:
             session.console.print(f"[yellow]timing rules failed in {', '.join(again)}: re-measuring once[/yellow]")
-            verdicts = gate.remeasured(verdicts, measure(again, args.profile, device, threads, args.out))
+            verdicts = gate.remeasured(verdicts, measure(again, args.profile, device, threads, args.out, mode))
     report.print_tables([gate.table(verdicts, rules, currents, notes)], session.console)
     status = gate.exit_status(verdicts)
     failed = [v.metric for v in verdicts if v.failed]
@@ -106,16 +112,22 @@ def gate_command(args: argparse.Namespace) -> int:
     return status
 
 
-def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, str]]) -> list[Source]:
+def _mode(args: argparse.Namespace, device: str) -> modes.Mode:
+    mode = modes.from_args(args)
+    mode.check(device)
+    return mode
+
+
+def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, modes.Mode, str]]) -> list[Source]:
     if given:
         return [sources.load_source(p) for p in given]
     loaded = []
-    for kind, profile, cls in dict.fromkeys(wanted):
-        path = sources.baseline_path(BASELINES, kind, cls, profile)
+    for kind, profile, mode, cls in dict.fromkeys(wanted):
+        path = sources.baseline_path(BASELINES, kind, cls, profile, mode)
         if not path.exists():
             what = "micro-benchmark baseline" if kind == pytest_suites.SCHEMA else f"baseline for profile {profile!r}"
-            raise sources.GateError(f"no {what} for device class {cls!r}: {path} does not exist; make it with "
-                                    f"`python -m bench baseline --profile {profile}` or pass --baseline FILE")
+            raise sources.GateError(f"no {what} for device class {cls!r} in mode {mode.label}: {path} does not exist; "
+                                    f"make it with `python -m bench baseline --profile {profile}{mode.flags}` or pass --baseline FILE")
         loaded.append(sources.load_source(path))
     return loaded
 
@@ -124,13 +136,13 @@ def baseline_command(args: argparse.Namespace) -> int:
     device = args.device or env.best_device()
     guarded = _suites(args.suites, thresholds.load(THRESHOLDS))
     names = [n for n in guarded if not (args.skip_micro and n in pytest_suites.registry())]
-    measured = measure(names, args.profile, device, args.threads, args.out)
+    measured = measure(names, args.profile, device, args.threads, args.out, _mode(args, device))
     failed = [f"{s.path}: {case} {why}" for s in measured for case, why in s.absent.items() if not why.startswith("skipped")]
     if failed:
         session.console.print("[red]no baseline written: cases failed[/red]\n  " + "\n  ".join(failed))
         return 1
     for source in measured:
-        target = sources.baseline_path(args.folder, source.kind, source.device_class, source.profile)
+        target = sources.baseline_path(args.folder, source.kind, source.device_class, source.profile, source.mode)
         results.write_atomic(target, Path(source.path).read_bytes())
         markdown = Path(source.path).with_suffix(".md")
         if markdown.exists():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import pytest_suites, results
+from bench.modes import Mode
 from bench.results import ResultsFileError, RunResult
 
 
@@ -41,6 +42,7 @@ class Source:
     cpu_model: str = ""
     threads: int | None = None
     settings: dict[str, list[str]] = field(default_factory=dict)  # suite -> its cases' stored settings
+    mode: Mode = Mode()  # the training mode its cases ran in (bench/modes.py)
 
     @property
     def kind(self) -> str:
@@ -71,7 +73,15 @@ def from_run(run: RunResult, path: str, stored_version: int) -> Source:
     e = run.environment
     return Source(path, f"{run.schema} v{stored_version}", "cpu" if run.device == "cpu" else "cuda",
                   device_class(run.device, e.device_name), run.profile, tuple(run.suites), metrics, absent,
-                  e.cpu_model, e.threads, {suite: sorted(texts) for suite, texts in settings.items()})
+                  e.cpu_model, e.threads, {suite: sorted(texts) for suite, texts in settings.items()}, _mode(run, path))
+
+
+def _mode(run: RunResult, path: str) -> Mode:
+    found = {Mode.of(case.params) for case in run.cases if "precision" in case.params}  # suites that take a mode
+    if len(found) > 1:
+        raise GateError(f"{path} holds cases of several training modes ({', '.join(sorted(m.label for m in found))}); "
+                        "the gate compares one mode at a time")
+    return found.pop() if found else Mode()
 
 
 def load_source(path: str | Path) -> Source:
@@ -87,9 +97,11 @@ def load_source(path: str | Path) -> Source:
     return from_run(run, str(path), run.schema_version)
 
 
-def baseline_path(folder: Path, source_kind: str, device_cls: str, profile: str) -> Path:
-    name = "micro.json" if source_kind == pytest_suites.SCHEMA else f"{profile}.json"
-    return folder / device_cls / name
+def baseline_path(folder: Path, source_kind: str, device_cls: str, profile: str, mode: Mode = Mode()) -> Path:
+    """<folder>/<device class>/<profile>.json (micro.json for the micro-benchmarks), with the mode's
+    suffix (e.g. quick-bf16-eager.json) for any mode but the default fp32 eager."""
+    name = "micro" if source_kind == pytest_suites.SCHEMA else profile
+    return folder / device_cls / f"{name}{mode.slug}.json"
 
 
 def pair(baselines: list[Source], currents: list[Source]) -> list[str]:
@@ -112,7 +124,11 @@ def pair(baselines: list[Source], currents: list[Source]) -> list[str]:
 
 
 def check_comparable(baseline: Source, current: Source) -> list[str]:
-    """Refuse unlike comparisons (device class, profile, schema); note CPU model or thread changes."""
+    """Refuse unlike comparisons (device class, profile, schema, mode); note CPU model or thread changes."""
+    if baseline.mode != current.mode:
+        raise GateError(f"refusing to compare: the baseline {baseline.path} ran in mode {baseline.mode.label}, the current "
+                        f"{current.path} in {current.mode.label}; compare with a baseline of that mode "
+                        f"(python -m bench baseline{current.mode.flags} makes one)")
     for what, old, new in (("device class", baseline.device_class, current.device_class),
                            ("profile", baseline.profile, current.profile), ("schema", baseline.schema, current.schema)):
         if old != new:

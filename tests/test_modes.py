@@ -1,0 +1,170 @@
+"""Training modes (bench/modes.py): how a mode is chosen, stored, named and kept apart."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bench import cli, counts, modes, pytest_suites
+from bench.gate import sources
+from bench.gate.sources import GateError
+from bench.modes import Mode
+from bench.suite import load_suite
+from suites import classify, table6
+from suites.micro import LayerStep
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_BASELINE = ROOT / "results" / "baselines" / "cpu" / "micro.json"
+
+
+def test_a_mode_round_trips_through_case_params_and_names_itself():
+    mode = Mode("bf16", channels_last=True, compile=True)
+    assert Mode.of(mode.options()) == mode
+    assert Mode.of({}) == Mode()  # files from before modes ran fp32, eager
+    assert mode.label == "bf16, channels_last, compiled" and Mode().label == "fp32, eager"
+    assert mode.slug == "-bf16-channels_last-compiled" and Mode().slug == ""
+    assert mode.flags == " --precision bf16 --channels-last --compile" and Mode().flags == ""
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        Mode("fp8")
+
+
+def test_fp16_is_refused_on_cpu_with_the_fix():
+    with pytest.raises(ValueError, match="use --precision bf16 on CPU"):
+        table6.cases("smoke", "cpu", {"precision": "fp16"})
+    assert all(c.params["precision"] == "fp16" for c in table6.cases("smoke", "cuda", {"precision": "fp16"}))
+
+
+def test_the_command_line_flags_reach_the_suites_that_take_a_mode():
+    args = cli.parser().parse_args(["run", "table6", "classify", "--precision", "bf16", "--channels-last"])
+    suites = {name: load_suite({"table6": "suites.table6", "classify": "suites.classify"}, name) for name in args.suites}
+    options = cli.suite_options(args, suites)
+    assert options["table6"] == options["classify"] == {"precision": "bf16", "channels_last": "on"}
+    cases = classify.cases("smoke", "cpu", options["classify"])
+    assert {Mode.of(c.params) for c in cases} == {Mode("bf16", channels_last=True)}
+    gradpath_only = cli.parser().parse_args(["run", "gradpath", "--compile"])
+    with pytest.raises(ValueError, match="no selected suite takes option 'compile'"):
+        cli.suite_options(gradpath_only, {"gradpath": load_suite({"gradpath": "suites.gradpath"}, "gradpath")})
+
+
+def test_stored_counts_serve_every_mode():
+    """A FLOP count does not depend on autocast, memory format or compilation (counted eagerly)."""
+    base = {"profile": "smoke", "norm": "cbn", **Mode().options()}
+    other = {**base, **Mode("bf16", True, True).options()}
+    assert counts.key(base, "2.15.0", "0.30.0", "abc") == counts.key(other, "2.15.0", "0.30.0", "abc")
+    assert counts.key(base, "2.15.0", "0.30.0", "abc") != counts.key({**base, "norm": "bn"}, "2.15.0", "0.30.0", "abc")
+
+
+def micro_source(tmp_path: Path, mode: Mode) -> sources.Source:
+    data = json.loads(MICRO_BASELINE.read_text())
+    data["machine_info"]["cbn_bench"]["mode"] = mode.options()
+    path = tmp_path / f"micro{mode.slug}.json"
+    path.write_text(json.dumps(data))
+    return sources.load_source(path)
+
+
+def test_the_gate_compares_one_mode_with_the_same_mode_only(tmp_path):
+    eager = sources.load_source(MICRO_BASELINE)  # written before modes: fp32, eager
+    bf16 = micro_source(tmp_path, Mode("bf16"))
+    assert eager.mode == Mode() and bf16.mode == Mode("bf16")
+    assert sources.check_comparable(eager, micro_source(tmp_path, Mode())) == []
+    with pytest.raises(GateError, match="ran in mode fp32, eager, the current .* in bf16, eager; .*"
+                                        "python -m bench baseline --precision bf16 makes one"):
+        sources.check_comparable(eager, bf16)
+    assert pytest_suites.table(pytest_suites.load(bf16.path)).title == "Layer micro-benchmarks (bf16, eager)"
+    folder = Path("results/baselines")
+    assert sources.baseline_path(folder, pytest_suites.SCHEMA, "cpu", "cpu") == folder / "cpu" / "micro.json"
+    assert sources.baseline_path(folder, "cbn-bench/results", "cpu", "quick", Mode("bf16")) == folder / "cpu" / "quick-bf16-eager.json"
+
+
+def test_a_results_file_of_mixed_modes_is_refused(tmp_path):
+    run = pytest_suites.load(MICRO_BASELINE)
+    cases = [dataclasses.replace(c, params={**c.params, **Mode(compile=i % 2 == 0).options()}) for i, c in enumerate(run.cases)]
+    with pytest.raises(GateError, match="several training modes"):
+        sources.from_run(dataclasses.replace(run, cases=cases), "mixed.json", 1)
+
+
+def test_a_layer_step_runs_in_bfloat16_channels_last_with_float32_statistics():
+    step = LayerStep("cbn", (2, 8, 6, 6), torch.device("cpu"), mode=Mode("bf16", channels_last=True))
+    step.fill_window()
+    conv, norm = step.block
+    assert step.x.is_contiguous(memory_format=torch.channels_last) and not step.x.is_contiguous()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert norm.history_mean.dtype == norm.history_grad_sq.dtype == torch.float32
+    assert norm.window_entries == 4
+
+
+def test_compiled_targets_are_compiled_in_place_after_measuring():
+    """nn.Module.compile keeps the module tree (and state_dict keys) as they were."""
+    case = next(c for c in classify.cases("smoke", "cpu", {"compile": "on"}) if c.params["norm"] == "bn")
+    workload = classify.build(case, "cpu")
+    keys = list(workload.model.state_dict())
+    assert workload.compile_targets() == [workload.model] and not workload.compiled
+    workload.compile_now()
+    assert workload.compiled and workload.model._compiled_call_impl is not None
+    assert list(workload.model.state_dict()) == keys and isinstance(workload.model, nn.Module)
+
+
+def test_a_channels_last_cbn_net_trains_as_the_contiguous_one():
+    import copy
+
+    from helpers import batches, cbn_layers, conv_cbn_net, train
+
+    contiguous = conv_cbn_net(window=3)
+    channels_last = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+    inputs = batches(5)
+    want = train(contiguous, inputs)
+    got = train(channels_last, [x.contiguous(memory_format=torch.channels_last) for x in inputs])
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(cbn_layers(contiguous), cbn_layers(channels_last)):
+        torch.testing.assert_close(a.history_grad_sq, b.history_grad_sq, rtol=1e-5, atol=1e-6)
+        assert a._slot_iterations == b._slot_iterations
+
+
+@pytest.fixture
+def quick_compile(monkeypatch):
+    """Dynamo's capture without inductor's code generation: the harness's compiled path in seconds
+    (inductor itself is tested on a small net in test_compile.py)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(modes, "BACKEND", "eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_a_micro_step_runs_compiled(quick_compile):
+    step = LayerStep("cbn", (2, 8, 6, 6), torch.device("cpu"), mode=Mode(compile=True))
+    step.fill_window()
+    assert step.block._compiled_call_impl is not None and step.block[1].window_entries == 4
+
+
+def run_table6_case(options: dict, norm: str = "cbn") -> tuple:
+    case = next(c for c in table6.cases("smoke", "cpu", options) if c.name == norm)
+    workload = table6.build(case, "cpu")
+    measured = workload.measure()
+    workload.warmup()
+    return workload, measured, workload.timed_round()
+
+
+@pytest.mark.slow
+def test_table6_runs_in_bfloat16_channels_last_at_smoke_size():
+    workload, measured, timed = run_table6_case({"precision": "bf16", "channels_last": "on"})
+    fp32 = table6.build(next(c for c in table6.cases("smoke", "cpu") if c.name == "cbn"), "cpu").measure()
+    assert measured.metrics["train_step_flops"] == fp32.metrics["train_step_flops"]  # counts ignore precision
+    norm = next(m for m in workload.model.modules() if hasattr(m, "history_bytes"))
+    assert norm.history_mean.dtype == norm.history_grad_sq.dtype == torch.float32
+    assert norm.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert timed["train_step_time"] > 0 and timed["inference_time"] > 0
+
+
+@pytest.mark.slow
+def test_table6_runs_compiled_at_smoke_size(quick_compile):
+    workload, measured, timed = run_table6_case({"compile": "on"})
+    heads = workload.model.roi_heads
+    compiled = [m for m in workload.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled == [workload.model.backbone, heads.box_head, heads.mask_head]
+    assert measured.metrics["train_step_flops"].value > 0 and timed["train_step_time"] > 0
