@@ -46,7 +46,7 @@ class Mode:
 
     @property
     def slug(self) -> str:
-        """"" for the default mode, else e.g. "-bf16-channels_last-compiled": a file-name suffix."""
+        """A file-name suffix: empty for the default mode, else e.g. "-bf16-channels_last-compiled"."""
         return "" if self == Mode() else "-" + self.label.replace(", ", "-")
 
     @property
