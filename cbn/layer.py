@@ -84,6 +84,10 @@ class CrossIterationBatchNorm2d(nn.Module):
     One training step dispatches the same ops whatever the window: all past slots are compensated
     at once, in two batched contractions, and weighted by their validity on the device.
 
+    Under DistributedDataParallel each process keeps its own window (statistics per device, as in
+    the paper): ``per_rank_buffers()`` names what DDP must not broadcast from rank 0, and
+    ``cbn.convert`` (or ``cbn.keep_statistics_per_rank``) puts it in DDP's ignore list.
+
     Under torch.compile: evaluation mode compiles into the surrounding graph. A training call
     breaks the graph once, at ``_begin_step``: telling iterations apart reads the parameters'
     version counters and per-step Python state (iteration, slots), which dynamo would otherwise
@@ -401,6 +405,11 @@ class CrossIterationBatchNorm2d(nn.Module):
         if self.compensate and self.window > 1:
             names += ["history_" + f for f in _all_path_fields(self.grad_path)]
         return names
+
+    def per_rank_buffers(self) -> list[str]:
+        """Buffers that belong to this process under data parallelism: the history (this device's
+        past statistics, as in the paper) and the non-finite batch count (cbn.keep_statistics_per_rank)."""
+        return [*self._history_fields(), "nonfinite_batches"]
 
     def history_bytes(self) -> int:
         """Bytes this layer holds for past iterations (history buffers and this step's window)."""

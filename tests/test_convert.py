@@ -94,3 +94,15 @@ def test_mask_rcnn_with_cbn_in_fpn_and_heads_trains_on_cpu(norm):
         opt.step()
         opt.zero_grad()
     assert all(m.window_entries == 2 and m.iteration == 1 for m in layers.values())
+
+
+def test_convert_keeps_each_ranks_history_out_of_ddps_broadcast():
+    """DDP reads _ddp_params_and_buffers_to_ignore from the module it wraps (tests/test_distributed.py
+    shows what happens without it); an existing list is kept."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+    net._ddp_params_and_buffers_to_ignore = ["0.weight"]
+    cbn.convert(net, window=3)
+    assert net._ddp_params_and_buffers_to_ignore == [
+        "0.weight", "1.history_mean", "1.history_var", "1.history_valid", "1.history_grad_mean", "1.history_grad_sq",
+        "1.nonfinite_batches"]
+    assert cbn.keep_statistics_per_rank(net)._ddp_params_and_buffers_to_ignore.count("1.history_mean") == 1
