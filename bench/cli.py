@@ -221,7 +221,9 @@ def _profiled_cases(args: argparse.Namespace, norms: list[str], device: str) -> 
     if args.suite == "micro":
         from suites import micro as micro_suite
 
-        return micro_suite.cases(norms, modes.from_args(args)), "suites.micro", device
+        mode = modes.from_args(args)
+        mode.check(device)
+        return micro_suite.cases(norms, mode), "suites.micro", device
     registry = session.suite_registry()
     p = session.plan(["table6"], args.profile, device, options=suite_options(args, {"table6": load_suite(registry, "table6")}))
     by_name = {c.name: c for c in p.cases}
