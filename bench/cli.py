@@ -221,9 +221,7 @@ def _profiled_cases(args: argparse.Namespace, norms: list[str], device: str) -> 
     if args.suite == "micro":
         from suites import micro as micro_suite
 
-        mode = modes.from_args(args)
-        mode.check(device)
-        return micro_suite.cases(norms, mode), "suites.micro", device
+        return micro_suite.cases(norms, modes.from_args(args).check(device)), "suites.micro", device
     registry = session.suite_registry()
     p = session.plan(["table6"], args.profile, device, options=suite_options(args, {"table6": load_suite(registry, "table6")}))
     by_name = {c.name: c for c in p.cases}
@@ -237,9 +235,7 @@ def micro(args: argparse.Namespace) -> int:
     out = args.out
     session.check_writable(out)
     device = args.device or env.best_device()
-    mode = modes.from_args(args)
-    mode.check(device)
-    measured, path = pytest_suites.run("micro", device, out, args.threads, mode)
+    measured, path = pytest_suites.run("micro", device, out, args.threads, modes.from_args(args).check(device))
     report.print_tables([pytest_suites.table(measured, str(path))], console)
     console.print(f"results written to:\n  {path}")
     return 0

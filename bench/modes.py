@@ -70,10 +70,12 @@ class Mode:
     def memory_format(self, model: nn.Module) -> nn.Module:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
-    def check(self, device: str) -> None:
+    def check(self, device: str) -> Mode:
+        """This mode, if it can run on device (fp16 is CUDA-only); a ValueError naming the fix otherwise."""
         if self.precision == "fp16" and device == "cpu":
             raise ValueError("precision fp16 runs on CUDA only here (CPU autocast to float16 has few fast kernels); "
                              "use --precision bf16 on CPU")
+        return self
 
 
 def from_args(args) -> Mode:

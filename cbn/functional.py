@@ -54,8 +54,13 @@ def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.batch_norm_update_stats(x, None, None, 0.0)
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of CBN's statistics and history for inputs of dtype: float64 for float64, else float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _stats_input(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return to_dtype(x, stats_dtype(x.dtype))
 
 
 def constant(value: float | Tensor, dtype: torch.dtype) -> Tensor:

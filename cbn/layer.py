@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
-from cbn.functional import CrossIterationNorm, constant, to_dtype
+from cbn.functional import CrossIterationNorm, constant, stats_dtype, to_dtype
 from cbn.statgrad import GRAD_PATHS, ConvGeometry
 
 _UNSET = object()  # the current iteration's compensated window has not been computed yet
@@ -392,7 +392,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         """The history buffers, (k-1, *field shape) each, as zeros (empty, weight 0), made on the
         first record (from a checkpoint, the buffers exist already)."""
         if self.history_mean is None:
-            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            dtype = stats_dtype(x.dtype)
             shapes = {"mean": (self.num_features,), "var": (self.num_features,), "valid": ()}
             if self.compensate:
                 shapes.update(GRAD_PATHS[self.grad_path].field_shapes(self._geometry()))

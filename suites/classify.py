@@ -64,8 +64,7 @@ def default_profile(device: str) -> str:
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
-    mode = modes.Mode.of(resolve_options(NAME, OPTIONS, options))
-    mode.check(device)
+    mode = modes.Mode.of(resolve_options(NAME, OPTIONS, options)).check(device)
     p = PROFILES[profile]
     return [
         Case(NAME, f"{model}/{name}", {"profile": profile, "settings": settings(p), "model": model, "norm": name,

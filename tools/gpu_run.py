@@ -161,32 +161,36 @@ def main(argv: list[str] | None = None) -> int:
     before = _files(args.out, args.baselines, args.profiles)
     synced = sync_check(args.device)
     suites = ["table6", "gradpath"] + ([] if args.skip_micro else ["micro"])
-    command = [sys.executable, "-m", "bench", "baseline", *suites, "--profile", args.profile, "--device", args.device,
-               "--out", str(args.out), "--folder", str(args.baselines)]
+    command = baseline_command(args, suites)
     print("running:", " ".join(command), flush=True)
     code = subprocess.run(command).returncode
     mixed_s = estimate(session.plan(["table6"], args.profile, args.device).cases, known, args.device, False)[0]
-    left = args.budget_s - (time.perf_counter() - started)
-    if left >= mixed_s:  # the training mode people use today, as its own baseline (bench/modes.py)
-        command = [sys.executable, "-m", "bench", "baseline", "table6", "--profile", args.profile, "--device", args.device,
-                   "--precision", "bf16", "--channels-last", "--out", str(args.out), "--folder", str(args.baselines)]
-        print(f"{left:.0f} s of the budget left: table6 in bf16 + channels_last:", " ".join(command), flush=True)
-        code = max(code, subprocess.run(command).returncode)
-    else:
-        print(f"gpu-run: {left:.0f} s of the budget left, too little for table6 in bf16 + channels_last "
-              f"(about {mixed_s:.0f} s)", flush=True)
-    left = args.budget_s - (time.perf_counter() - started)
-    if left >= profile_seconds(args.device):
-        command = [sys.executable, "-m", "bench", "profile", "--profile", args.profile, "--device", args.device,
-                   "--steps", str(PROFILE_STEPS), "--out", str(args.profiles)]
-        print(f"{left:.0f} s of the budget left: profiling CBN against BN:", " ".join(command), flush=True)
-        code = max(code, subprocess.run(command).returncode)
-    else:
-        print(f"gpu-run: {left:.0f} s of the budget left, too little to profile CBN against BN "
-              f"(about {profile_seconds(args.device):.0f} s)", flush=True)
+    # The training mode people use today, as its own baseline (bench/modes.py); then the profile.
+    code = max(code, run_if_time_allows("table6 in bf16 + channels_last", mixed_s,
+                                        baseline_command(args, ["table6"], "--precision", "bf16", "--channels-last"),
+                                        args.budget_s, started))
+    profile = [sys.executable, "-m", "bench", "profile", "--profile", args.profile, "--device", args.device,
+               "--steps", str(PROFILE_STEPS), "--out", str(args.profiles)]
+    code = max(code, run_if_time_allows("profiling CBN against BN", profile_seconds(args.device), profile,
+                                        args.budget_s, started))
     written = sorted(_files(args.out, args.baselines, args.profiles) - before)
     print(f"gpu-run: exit {code} after {time.perf_counter() - started:.0f} s; wrote:", *written, sep="\n  ")
     return code if synced else max(code, 1)
+
+
+def baseline_command(args: argparse.Namespace, suites: list[str], *mode_flags: str) -> list[str]:
+    return [sys.executable, "-m", "bench", "baseline", *suites, "--profile", args.profile, "--device", args.device,
+            *mode_flags, "--out", str(args.out), "--folder", str(args.baselines)]
+
+
+def run_if_time_allows(what: str, need_s: float, command: list[str], budget_s: float, started: float) -> int:
+    """Run command when the budget still has need_s seconds: its exit status, or 0 when skipped (said why)."""
+    left = budget_s - (time.perf_counter() - started)
+    if left < need_s:
+        print(f"gpu-run: {left:.0f} s of the budget left, too little for {what} (about {need_s:.0f} s)", flush=True)
+        return 0
+    print(f"{left:.0f} s of the budget left: {what}:", " ".join(command), flush=True)
+    return subprocess.run(command).returncode
 
 
 SYNC_CHECK_SHAPE = (2, 64, 56, 56)

@@ -90,7 +90,7 @@ def gate_command(args: argparse.Namespace) -> int:
     else:
         names = _suites(args.suites, rules)
         device = args.device or env.best_device()
-        mode = _mode(args, device)
+        mode = modes.from_args(args).check(device)
         cls = sources.device_class(device, env.device_name(device))
         planned = [(kind, profile, m, cls) for kind, profile, m in _planned_sources(names, args.profile, device, mode)]
         baselines = _baselines(args.baseline, planned)
@@ -112,12 +112,6 @@ def gate_command(args: argparse.Namespace) -> int:
     return status
 
 
-def _mode(args: argparse.Namespace, device: str) -> modes.Mode:
-    mode = modes.from_args(args)
-    mode.check(device)
-    return mode
-
-
 def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, modes.Mode, str]]) -> list[Source]:
     if given:
         return [sources.load_source(p) for p in given]
@@ -136,7 +130,7 @@ def baseline_command(args: argparse.Namespace) -> int:
     device = args.device or env.best_device()
     guarded = _suites(args.suites, thresholds.load(THRESHOLDS))
     names = [n for n in guarded if not (args.skip_micro and n in pytest_suites.registry())]
-    measured = measure(names, args.profile, device, args.threads, args.out, _mode(args, device))
+    measured = measure(names, args.profile, device, args.threads, args.out, modes.from_args(args).check(device))
     failed = [f"{s.path}: {case} {why}" for s in measured for case, why in s.absent.items() if not why.startswith("skipped")]
     if failed:
         session.console.print("[red]no baseline written: cases failed[/red]\n  " + "\n  ".join(failed))
