@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
-from bench import counts, env, modes, profiling, pytest_suites, report, results, session
+from bench import counts, env, modes, profiling, pytest_suites, ranks, report, results, session
 from bench.gate import commands as gate_commands
 from bench.session import console
 from bench.suite import Table, load_suite
@@ -31,6 +32,18 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="torch CPU threads in each worker (default: torch's)")
     run.add_argument("--out", type=Path, default=session.DEFAULT_OUT, help=f"folder for results (default: {session.DEFAULT_OUT})")
     run.add_argument("--compare", type=Path, metavar="FILE", help="a previous results file to compare ratios with")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="processes per case, launched by torchrun (DistributedDataParallel; gloo on CPU, NCCL on CUDA, "
+                          "one GPU per process); figures are reduced across them (default: 1)")
+    run.add_argument("--cases", type=lambda text: text.split(","), metavar="NAME[,NAME]",
+                     help="run only these cases, e.g. bn,gn,cbn (default: all of the profile's)")
+    nodes = run.add_argument_group("several machines", "run the same command on each, with its own --node-rank; node 0 "
+                                   "drives the run and writes the results (torchrun's static rendezvous per case)")
+    nodes.add_argument("--nnodes", type=int, default=1, help="machines each case spans (default: 1)")
+    nodes.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0 to nnodes - 1 (default: 0)")
+    nodes.add_argument("--master-addr", help="the address of node 0, reachable from every node")
+    nodes.add_argument("--master-port", type=int, default=29500,
+                       help="node 0's first rendezvous port; case i of a group uses port + i (default: 29500)")
     _suite_options(run)
 
     show = sub.add_parser("show", help="print the tables of a stored results file")
@@ -137,8 +150,16 @@ COMMANDS = {
 }
 
 
+UNDER_TORCHRUN = ("the harness launches each case's processes itself, a torchrun per case, so that a case that fails "
+                  "or hangs cannot take the others down: run `python -m bench --nproc N ...` (one process, not under "
+                  "torchrun), or `nox -s bench -- --nproc N`")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun in the processes it starts
+        console.print(f"[red]error:[/red] {UNDER_TORCHRUN}")
+        return 2
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "run")
     args = parser().parse_args(argv)
@@ -155,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     registry = session.suite_registry()
     chosen = {name: load_suite(registry, name) for name in (args.suites or registry)}
-    p = session.plan(args.suites, args.profile, args.device, args.rounds, suite_options(args, chosen))
+    nodes = ranks.Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    p = session.plan(args.suites, args.profile, args.device, args.rounds, suite_options(args, chosen), args.nproc,
+                     args.cases, nodes)
+    if nodes.rank > 0:
+        return session.follow(p)
     previous = None
     if args.compare:  # checked before measuring, so a wrong file costs nothing
         previous = results.load(args.compare)

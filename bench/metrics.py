@@ -25,6 +25,7 @@ class Metric:
     unit: str
     samples: tuple[float, ...] = ()  # timing only: every raw sample, seconds
     summary: dict[str, float] | None = None  # timing only: n, median, q1, q3, ci_low, ci_high
+    per_rank: tuple[float, ...] = ()  # a case on several processes: each rank's value (bench/ranks.py)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -41,13 +42,17 @@ class Metric:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["samples"] = list(self.samples)
+        data["per_rank"] = list(self.per_rank)
         if not self.timing:
             del data["samples"], data["summary"]
+        if not self.per_rank:
+            del data["per_rank"]
         return data
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Metric:
-        return Metric(data["value"], data["kind"], data["unit"], tuple(data.get("samples", ())), data.get("summary"))
+        return Metric(data["value"], data["kind"], data["unit"], tuple(data.get("samples", ())), data.get("summary"),
+                      tuple(data.get("per_rank", ())))
 
 
 def count(value: float, unit: str) -> Metric:
@@ -58,8 +63,9 @@ def peak(value: float, unit: str = "byte") -> Metric:
     return Metric(value, "peak", unit)
 
 
-def timing(samples: list[float]) -> Metric:
-    """A timing from raw samples (seconds): value = median, with quartiles and a bootstrap 95% CI."""
+def timing(samples: list[float], per_rank: tuple[float, ...] = ()) -> Metric:
+    """A timing from raw samples (seconds): value = median, with quartiles and a bootstrap 95% CI;
+    per_rank: each rank's median, when the samples are the slowest rank's (bench/ranks.py)."""
     s = summarize(samples)
     summary = {"n": s.n, "median": s.median, "q1": s.q1, "q3": s.q3, "ci_low": s.ci_low, "ci_high": s.ci_high}
-    return Metric(s.median, "timing", "s", tuple(samples), summary)
+    return Metric(s.median, "timing", "s", tuple(samples), summary, tuple(per_rank))

@@ -21,7 +21,7 @@ from typing import Any
 from bench.metrics import Metric
 
 SCHEMA = "cbn-bench/results"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 STATUSES = ("ok", "error", "skipped", "interrupted")
 
 
@@ -249,7 +249,14 @@ def _upgrade_3_to_4(data: dict) -> dict:
     return data
 
 
-UPGRADES = {0: _upgrade_0_to_1, 1: _upgrade_1_to_2, 2: _upgrade_2_to_3, 3: _upgrade_3_to_4}
+def _upgrade_4_to_5(data: dict) -> dict:
+    # Version 5 added what a case on several processes records (bench/ranks.py): each rank's value
+    # of a metric ("per_rank") and "world_size" and "backend" in the case's params. Every case of
+    # a version 4 file ran in one process, which is what their absence means: nothing to convert.
+    return dict(data, schema_version=5)
+
+
+UPGRADES = {0: _upgrade_0_to_1, 1: _upgrade_1_to_2, 2: _upgrade_2_to_3, 3: _upgrade_3_to_4, 4: _upgrade_4_to_5}
 
 
 def read_json(path: Path, what: str) -> object:

@@ -5,6 +5,8 @@ Per group: start a worker per case (it builds its model), take each one's untime
 so drift of the machine spreads over all configs alike and no case always runs first
 (bench/sampling.py says how each round's samples are taken). A worker that fails, times out or
 dies is recorded as that case's error and the others go on; Ctrl-C keeps every sample taken.
+A case with nproc > 1 is a group of worker processes launched by torchrun (bench/ranks.py),
+which stays up from its build to its last round, as a one-process worker does.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import mathmodes, sampling
+from bench import mathmodes, ranks, sampling
 from bench.results import CaseResult
 from bench.metrics import Metric, timing
 from bench.suite import Case
@@ -33,17 +36,17 @@ class WorkerError(RuntimeError):
 
 
 class Worker:
-    """A `python -m bench.worker` process holding one built case."""
+    """A `python -m bench.worker` process holding one built case, or, for a case with nproc > 1,
+    the torchrun that holds its group of workers (rank 0 speaks for them)."""
 
     def __init__(self, case: Case, suite_module: str, device: str, threads: int | None,
-                 known_counts: dict | None = None) -> None:
+                 known_counts: dict | None = None, rendezvous: list[str] | None = None) -> None:
         self.case = case
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env,
-        )
+        # Its own session: a timeout kills the whole tree, torchrun's ranks included.
+        self._proc = subprocess.Popen(worker_command(case, device, rendezvous), stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=worker_env(),
+                                      start_new_session=True)
         start = {"case": dataclasses.asdict(case), "suite_module": suite_module, "device": device, "threads": threads,
                  "math_modes": mathmodes.DEFAULT.to_dict(), "known_counts": known_counts}
         self._send(start)
@@ -59,9 +62,15 @@ class Worker:
                 self._send({"command": "exit"})
                 self._proc.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired, WorkerError):
-                self._proc.kill()
-                self._proc.wait()
+                self._kill()
         self._stderr.close()
+
+    def _kill(self) -> None:
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._proc.wait()
 
     def _send(self, message: dict) -> None:
         try:
@@ -73,16 +82,19 @@ class Worker:
     def _receive(self, timeout_s: float) -> dict:
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
         if not ready:
-            self._proc.kill()
-            self._proc.wait()
+            self._kill()
             raise WorkerError(f"timed out after {timeout_s:.0f} s; killed. {self._stderr_tail()}")
         line = self._proc.stdout.readline()
         if not line:
             raise WorkerError(self._death_note())
         reply = json.loads(line)
         if reply["event"] == "error":
-            self._proc.wait(timeout=30)
-            raise WorkerError(f"{reply['error']}\n{reply['traceback']}")
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._kill()
+            group_log = f"\n{self._stderr_tail()}" if self.case.nproc > 1 else ""  # torchrun names the failed rank
+            raise WorkerError(f"{reply['error']}\n{reply['traceback']}{group_log}")
         return reply
 
     def _death_note(self) -> str:
@@ -90,10 +102,31 @@ class Worker:
         why = " (killed by the OS: out of memory?)" if code in (-9, 137) else ""
         return f"worker exited with code {code}{why}. {self._stderr_tail()}"
 
-    def _stderr_tail(self, chars: int = 2000) -> str:
+    def _stderr_tail(self, chars: int = 4000) -> str:
         self._stderr.seek(0)
         tail = self._stderr.read()[-chars:].strip()
         return f"stderr tail:\n{tail}" if tail else "no stderr output"
+
+
+def worker_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def worker_command(case: Case, device: str, rendezvous: list[str] | None) -> list[str]:
+    """One worker process, or this node's share of a case's group through torchrun (rendezvous:
+    its options, bench/ranks.py; given for every case of a run on several nodes)."""
+    if case.nproc == 1 and rendezvous is None:
+        return [sys.executable, "-m", "bench.worker"]
+    return ranks.launch_command(sys.executable, case.nproc, ranks.backend_for(device), case.timeout_s,
+                                rendezvous or ["--standalone"])
+
+
+def groups_of(cases: list[Case]) -> list[list[Case]]:
+    """The cases timed together, in run order (every node of a multi-node run forms the same)."""
+    groups: dict[tuple[str, str], list[Case]] = defaultdict(list)
+    for case in cases:
+        groups[(case.suite, case.group or case.name)].append(case)
+    return list(groups.values())
 
 
 @dataclasses.dataclass
@@ -110,20 +143,19 @@ def steps(case: Case) -> int:
 
 def run_cases(cases: list[Case], suite_modules: dict[str, str], device: str, threads: int | None = None,
               hook: ProgressHook | None = None, known_counts: dict[tuple[str, str], dict] | None = None,
-              on_group: Callable[[list[CaseResult]], None] = lambda results: None) -> tuple[list[CaseResult], bool]:
+              on_group: Callable[[list[CaseResult]], None] = lambda results: None,
+              nodes: ranks.Nodes = ranks.Nodes()) -> tuple[list[CaseResult], bool]:
     """All cases' results in their order, and whether the run was interrupted (Ctrl-C).
 
     known_counts: (suite, case) -> a stored counts entry (bench/counts.py) the case may reuse;
-    on_group gets each group's results as soon as the group is done (bench/journal.py)."""
+    on_group gets each group's results as soon as the group is done (bench/journal.py); nodes:
+    the machines the cases span, this one node 0 (bench/ranks.py)."""
     hook = hook or ProgressHook()
     results: dict[tuple[str, str], CaseResult] = {}
-    groups: dict[tuple[str, str], list[Case]] = defaultdict(list)
-    for case in cases:
-        groups[(case.suite, case.group or case.name)].append(case)
     interrupted = False
     try:
-        for group in groups.values():
-            _GroupRun(group, suite_modules, device, threads, hook, results, known_counts or {}).run()
+        for group in groups_of(cases):
+            _GroupRun(group, suite_modules, device, threads, hook, results, known_counts or {}, nodes).run()
             on_group([results[(c.suite, c.name)] for c in group])
     except KeyboardInterrupt:
         interrupted = True
@@ -135,13 +167,14 @@ def run_cases(cases: list[Case], suite_modules: dict[str, str], device: str, thr
 
 
 class _GroupRun:
-    def __init__(self, group, suite_modules, device, threads, hook, results, known_counts) -> None:
+    def __init__(self, group, suite_modules, device, threads, hook, results, known_counts, nodes) -> None:
         self.group, self.suite_modules, self.device, self.threads = group, suite_modules, device, threads
-        self.known_counts = known_counts
+        self.known_counts, self.nodes = known_counts, nodes
         self.hook, self.results = hook, results
         self.workers: dict[str, Worker] = {}
         self.measured: dict[str, dict] = {}
         self.samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.rank_samples: dict[str, dict[str, list[list[float]]]] = defaultdict(dict)  # nproc > 1: each rank's
         self.sampling = {c.name: sampling.for_device(device, c.kept_per_round) for c in group}
         self.empty_cache = True
 
@@ -182,8 +215,9 @@ class _GroupRun:
         self.hook.advance()
 
     def _start(self, case: Case) -> None:
+        rendezvous = self.nodes.rendezvous(self.group.index(case)) if self.nodes.count > 1 else None
         self.workers[case.name] = Worker(case, self.suite_modules[case.suite], self.device, self.threads,
-                                         known_counts=self.known_counts.get((case.suite, case.name)))
+                                         self.known_counts.get((case.suite, case.name)), rendezvous)
 
     def _measure(self, case: Case) -> None:
         reply = self.workers[case.name].request("measure")
@@ -218,11 +252,17 @@ class _GroupRun:
                                                 empty_cache=self.empty_cache)
         for name, values in reply["samples"].items():
             self.samples[case.name][name].extend(values)
+        for name, per_rank in reply.get("rank_samples", {}).items():
+            kept = self.rank_samples[case.name].setdefault(name, [[] for _ in per_rank])
+            for rank, values in enumerate(per_rank):
+                kept[rank].extend(values)
 
     def _finish(self, case: Case, status: str = "ok", error: str | None = None) -> None:
         measured = self.measured[case.name]
         metrics = dict(measured["metrics"])
-        metrics.update({name: timing(list(values)) for name, values in self.samples[case.name].items()})
+        per_rank = self.rank_samples[case.name]
+        metrics.update({name: timing(list(values), ranks.rank_medians(per_rank[name]) if name in per_rank else ())
+                        for name, values in self.samples[case.name].items()})
         self.results[(case.suite, case.name)] = CaseResult(
             case.suite, case.name, case.params, status, error, metrics, list(measured["notes"]),
             sampling=self.sampling[case.name].to_dict())
@@ -231,3 +271,27 @@ class _GroupRun:
         worker = self.workers.pop(name, None)
         if worker is not None:
             worker.close()
+
+
+def follow(cases: list[Case], device: str, nodes: ranks.Nodes, hook: ProgressHook | None = None) -> list[str]:
+    """Node rank > 0 of a run on several nodes: start this node's share of each group's cases, as
+    node 0 starts its own, and wait for them to end; node 0's rank 0 relays its commands to them.
+    Returns a line per case whose share here did not end cleanly (its error is in node 0's results)."""
+    hook = hook or ProgressHook()
+    failures = []
+    for group in groups_of(cases):
+        started = []
+        for slot, case in enumerate(group):
+            hook.describe(f"{case.suite}/{case.name}: this node's {case.nproc} processes")
+            started.append((case, subprocess.Popen(worker_command(case, device, nodes.rendezvous(slot)),
+                                                   stdin=subprocess.DEVNULL, env=worker_env(), start_new_session=True)))
+        for case, proc in started:
+            try:
+                code = proc.wait(timeout=case.timeout_s * steps(case))  # each phase within the case's timeout
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+            if code != 0:
+                failures.append(f"{case.suite}/{case.name}: this node's processes exited with code {code}")
+            hook.advance()
+    return failures

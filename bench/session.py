@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bench import counts, env, journal, mathmodes, report, results
+from bench import counts, env, journal, mathmodes, ranks, report, results, runner
 from bench.runner import ProgressHook, Worker, run_cases, steps
 from bench.suite import Case, load_suite
 
@@ -40,10 +40,15 @@ class Plan:
     device: str
     profile: str
     cases: list[Case]
+    nproc: int = 1  # processes per case on each node (bench/ranks.py)
+    nodes: ranks.Nodes = ranks.Nodes()
 
 
 def plan(names: list[str], profile: str | None, device: str | None, rounds: int | None = None,
-         options: dict[str, dict[str, str]] | None = None) -> Plan:
+         options: dict[str, dict[str, str]] | None = None, nproc: int = 1, only: list[str] | None = None,
+         nodes: ranks.Nodes = ranks.Nodes()) -> Plan:
+    """The validated run; nproc: processes per case on each node; only: the case names to keep;
+    nodes: the machines the cases span."""
     registry = suite_registry()
     names = names or list(registry)
     suites = {name: load_suite(registry, name) for name in names}
@@ -60,7 +65,18 @@ def plan(names: list[str], profile: str | None, device: str | None, rounds: int 
     cases = [c for name, suite in suites.items() for c in suite.cases(profile, device, options.get(name, {}))]
     if rounds is not None:
         cases = [dataclasses.replace(c, rounds=rounds) for c in cases]
-    return Plan(names, suites, device, profile, cases)
+    if only:
+        unknown = sorted(set(only) - {c.name for c in cases})
+        if unknown:
+            raise ValueError(f"--cases: no case {', '.join(unknown)} in {', '.join(names)} at profile {profile}; "
+                             f"it has {', '.join(dict.fromkeys(c.name for c in cases))}")
+        cases = [c for c in cases if c.name in only]
+    ranks.check_nproc(nproc, device)
+    nodes.check()
+    if nproc * nodes.count > 1:  # what the results record of it, in each case's params
+        distributed = {"world_size": nproc * nodes.count, "backend": ranks.backend_for(device), "nodes": nodes.count}
+        cases = [dataclasses.replace(c, nproc=nproc, params={**c.params, **distributed}) for c in cases]
+    return Plan(names, suites, device, profile, cases, nproc, nodes)
 
 
 def check_writable(folder: Path) -> None:
@@ -79,13 +95,15 @@ def execute(p: Plan, threads: int | None, out: Path) -> tuple[results.RunResult,
     Each finished group of cases goes to a journal first (bench/journal.py), removed once the
     results file is written: a failing write or a killed runner loses no finished case."""
     check_writable(out)
+    threads = threads or (ranks.threads_per_rank(p.nproc) if p.nproc > 1 else None)
     if threads:
         torch.set_num_threads(threads)  # the workers' count, so the environment records it
     if p.device.startswith("cuda"):
         mathmodes.DEFAULT.apply()  # as in every worker, so the environment records what was used
     environment = env.capture(p.device)
+    per_case = f", {p.nproc} processes each ({ranks.backend_for(p.device)}, torchrun)" if p.nproc > 1 else ""
     console.print(f"cbn-bench: {len(p.cases)} cases of {', '.join(p.names)} at profile [bold]{p.profile}[/bold] "
-                  f"on {environment.device_name}")
+                  f"on {environment.device_name}{per_case}")
     known = known_counts(p, environment)
     if known:
         console.print(f"reusing stored counts for {len(known)} of {len(p.cases)} cases ({counts.DEFAULT_FOLDER})")
@@ -93,7 +111,7 @@ def execute(p: Plan, threads: int | None, out: Path) -> tuple[results.RunResult,
     log = journal.start(journal.path_for(out, stem), {"stem": stem, "profile": p.profile, "device": p.device,
                                                       "suites": p.names, "environment": dataclasses.asdict(environment)})
     case_results, interrupted = _run_with_progress(p.cases, suite_registry(), p.device, threads, known,
-                                                   lambda group: journal.append(log, group))
+                                                   lambda group: journal.append(log, group), p.nodes)
     run_result = assemble(p.profile, p.device, p.names, environment, case_results, p.suites)
     try:
         paths = store(run_result, p.suites, out, stem)
@@ -171,7 +189,18 @@ def counts_from_run(path: Path, folder: Path) -> list[Path]:
     return written
 
 
-def _run_with_progress(cases, registry, device, threads, known, on_group):
+def follow(p: Plan) -> int:
+    """This node's share of a run whose node 0 is another machine (bench/ranks.py): 1 if a case's
+    processes here failed (node 0's results hold the error)."""
+    console.print(f"cbn-bench: node {p.nodes.rank} of {p.nodes.count}, {p.nproc} processes per case, following node 0 "
+                  f"at {p.nodes.master_addr}; node 0 writes the results")
+    failures = runner.follow(p.cases, p.device, p.nodes, ProgressHook(describe=lambda text: console.print(text)))
+    for line in failures:
+        console.print(f"[red]{line}[/red]")
+    return 1 if failures else 0
+
+
+def _run_with_progress(cases, registry, device, threads, known, on_group, nodes):
     total = sum(steps(c) for c in cases)
     if not console.is_terminal:  # a log (nox, CI): one line per phase instead of a live bar
         started, done = time.perf_counter(), [0]
@@ -182,14 +211,15 @@ def _run_with_progress(cases, registry, device, threads, known, on_group):
         def advance() -> None:
             done[0] += 1
 
-        return run_cases(cases, registry, device, threads, ProgressHook(describe=log, advance=advance), known, on_group)
+        return run_cases(cases, registry, device, threads, ProgressHook(describe=log, advance=advance), known, on_group,
+                         nodes)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("starting", total=total)
         hook = ProgressHook(describe=lambda text: progress.update(task, description=text),
                             advance=lambda: progress.advance(task))
-        outcome = run_cases(cases, registry, device, threads, hook, known, on_group)
+        outcome = run_cases(cases, registry, device, threads, hook, known, on_group, nodes)
         progress.update(task, completed=total, description="done")
     return outcome
 

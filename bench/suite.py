@@ -27,6 +27,7 @@ class Case:
     kept_per_round: int = 1  # samples kept per round (bench/sampling.py; CUDA also discards one first)
     timeout_s: float = 1800.0  # for any single phase of this case
     memory_limit_bytes: int | None = None  # address-space cap for the worker (CPU cases)
+    nproc: int = 1  # processes that run the case together, launched by torchrun (bench/ranks.py)
 
 
 @dataclass(frozen=True)

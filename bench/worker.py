@@ -5,6 +5,11 @@ and reads one JSON reply per command from the original stdout; everything the ca
 stderr, so the protocol cannot be corrupted. An exception becomes an error reply, and the process
 exits.
 
+A case on several processes runs one worker per rank, started by torchrun (bench/ranks.py):
+rank 0 speaks the protocol and relays each command to the other ranks, and replies with what
+their replies reduce to. A rank that fails prints its error and exits; torchrun then stops the
+group, and the runner records the case's error.
+
 On CUDA the worker empties its caching allocator after ``measure`` (the next case is measured
 alone), and after ``warmup`` and ``round`` only when the runner says so (bench/sampling.py): a
 kept cache makes each timed step a steady-state step.
@@ -12,6 +17,7 @@ kept cache makes each timed step a steady-state step.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -22,21 +28,40 @@ from pathlib import Path
 
 import torch
 
+from bench import ranks
 from bench.mathmodes import MathModes
 from bench.profiling import profile_steps
 from bench.suite import Case
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the case's own prints, C-level ones too, go to stderr
     sys.stdout = sys.stderr
+    group = ranks.join(args.backend, args.timeout_s) if args.backend else None
+    speaks = group is None or group.rank == 0  # to the runner
 
     def reply(**message) -> None:
-        protocol.write(json.dumps(message) + "\n")
+        if speaks:
+            protocol.write(json.dumps(message) + "\n")
+
+    def next_request() -> dict:
+        request = None
+        if speaks:
+            line = sys.stdin.readline()
+            request = json.loads(line) if line else {"command": "exit"}  # end of input: the runner is gone
+        return request if group is None else ranks.relay(group, request)
+
+    def all_replies(result: dict, command: str) -> dict:
+        """This process's result, or on several processes what every rank's reduces to (on rank 0)."""
+        if group is None:
+            return result
+        replies = ranks.gather(group, result)
+        return ranks.reduce_reply(command, replies) if replies else {}
 
     try:
-        start = json.loads(sys.stdin.readline())
+        start = next_request()
         case = Case(**start["case"])
         _apply_limits(case, start)
         import importlib
@@ -45,16 +70,26 @@ def main() -> int:
         workload = suite.build(case, start["device"])
         if start.get("known_counts") and hasattr(workload, "reuse_counts"):
             workload.reuse_counts(start["known_counts"])  # stored device-independent counts (bench/counts.py)
+        all_replies({}, "ready")  # every rank built its case
         reply(event="ready")
-        for line in sys.stdin:
-            request = json.loads(line)
-            if request["command"] == "exit":
-                break
-            reply(event="done", **_run(workload, request, start["device"]))
+        while (request := next_request())["command"] != "exit":
+            reply(event="done", **all_replies(_run(workload, request, start["device"]), request["command"]))
+        if group is not None:
+            ranks.leave()
     except BaseException as err:  # reported to the runner: the suite goes on without this case
+        if not speaks:
+            traceback.print_exc()  # torchrun stops the group when this rank exits; its stderr says why
+            print(f"rank {group.rank} failed: {type(err).__name__}: {err}", file=sys.stderr)
         reply(event="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
         return 1
     return 0
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.worker", description="one case's worker (started by the runner)")
+    p.add_argument("--backend", help="torch.distributed backend: this process is one rank of a torchrun group")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="the process group's timeout")
+    return p.parse_args(argv)
 
 
 def _run(workload, request: dict, device: str) -> dict:

@@ -16,13 +16,13 @@ import torchvision
 from torch import nn
 
 import cbn
-from bench import flops, modes
+from bench import flops, modes, ranks
 from bench.metrics import count
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
 from suites import ratios
 from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, STEP_TIME_OVER_FLOPS, WINDOW
-from suites.workload import NoInputForward, TrainingWorkload, mode_caption
+from suites.workload import NoInputForward, TrainingWorkload, mode_caption, processes_caption, processes_label
 
 NAME = "classify"
 
@@ -98,9 +98,10 @@ class ClassifyWorkload(TrainingWorkload):
         self.profile = p = profile_of(params)
         self.device = torch.device(device)
         self.model = build_model(params["model"], params["norm"]).to(self.device)
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(ranks.rank())  # each rank its own images
         self.images = torch.rand(p.images_per_device, 3, p.image_px, p.image_px, generator=gen).to(self.device)
         self.labels = torch.randint(0, 1000, (p.images_per_device,), generator=gen).to(self.device)
+        self.distribute()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
         self.steps_done = 0
         self.mode = modes.Mode.of(params)
@@ -108,13 +109,14 @@ class ClassifyWorkload(TrainingWorkload):
 
     def loss(self) -> torch.Tensor:
         self.model.train()
-        return nn.functional.cross_entropy(self.model(self.images), self.labels)
+        return nn.functional.cross_entropy(self.trained()(self.images), self.labels)
 
     def measure(self) -> Measurement:
         for _ in range(WINDOW + 1):  # CBN's window is full from here on
             self.train_step()
         found = {"train_step_flops": count(flops.counted_flops(self.train_step), "flop")}
-        macs, skipped = flops.fvcore_forward_flops(NoInputForward(self.model, self.loss), ())
+        with self.locally():
+            macs, skipped = flops.fvcore_forward_flops(NoInputForward(self.model, self.loss), ())
         self.train_step()  # ends the traced iteration with an optimizer step
         found["forward_macs"] = count(macs, "mac")
         self.model.eval()
@@ -152,7 +154,7 @@ def tables(run: RunResult) -> list[Table]:
         p = profile_of(cases_here[0].params)
         title = (f"Classification, profile {run.profile}: {_model_label(model)}, every BN replaced, "
                  f"{p.images_per_device} x {p.image_px}x{p.image_px} images, {modes.Mode.of(cases_here[0].params).label}, "
-                 f"on {run.environment.device_name}")
+                 f"on {run.environment.device_name}{processes_label(cases_here[0].params)}")
         out.append(Table(title, ["norm", *ratios.COLUMNS], rows, _caption(run, model, derived)))
     return out
 
@@ -181,6 +183,7 @@ def _caption(run: RunResult, model: str, derived: dict[str, Derived]) -> list[st
         f"({ratios.sampling_text(cases_here, run.device)}); ratios to BN with bootstrap 95% intervals; "
         "random weights, synthetic images, SGD with momentum; GN: 32 groups",
         *mode_caption(modes.Mode.of(cases_here[0].params), "the whole model"),
+        *processes_caption(cases_here[0].params),
     ]
     check = derived.get(f"{model}.{STEP_TIME_OVER_FLOPS}")
     if check is not None:

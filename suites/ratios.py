@@ -59,7 +59,8 @@ def cells(case: CaseResult, name: str, prefix: str, derived: dict[str, Derived])
 
 
 def failed_cells(case: CaseResult) -> list[str]:
-    reason = (case.error or "").splitlines()[0][:80] if case.error else ""
+    why = case.error or (case.notes[0] if case.status == "skipped" and case.notes else "")
+    reason = why.splitlines()[0][:80] if why else ""
     return [f"{case.status}: {reason}", "", "", "", ""]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import counts, flops, modes
+from bench import counts, flops, modes, ranks
 from bench.metrics import count
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
@@ -18,7 +18,7 @@ from suites import ratios
 from suites.constants import STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
 from suites.data import synthetic_batch
 from suites.models import DetectorSpec, ProposalsAroundObjects, build_detector
-from suites.workload import NoInputForward, TrainingWorkload, mode_caption
+from suites.workload import NoInputForward, TrainingWorkload, mode_caption, processes_caption, processes_label
 
 NAME = "table6"
 
@@ -66,6 +66,8 @@ NORMS = {
 PAPER_RATIOS = {"gn": (1.00, 1.023, 0.92, 0.60), "cbn": (1.07, 1.127, 0.77, 1.00)}
 OPTIONS = {"arch": ("mask_rcnn", "faster_rcnn"), "depth": ("50", "101"), "placement": ("heads", "all"), **modes.OPTIONS}
 BASE_LR = 0.02
+SYNCBN_ON_CPU = ("not measured: torch's SyncBatchNorm synchronizes CUDA (or XPU) tensors only and refuses CPU ones; "
+                 "BN, GN and CBN run across the processes")
 COUNTS = {"train_step_flops": "flop", "forward_macs": "mac", "inference_forward_macs": "mac"}  # device-independent
 
 
@@ -106,6 +108,9 @@ class DetectionWorkload(TrainingWorkload):
         self.known_counts: dict | None = None
         self.steps_done = 0
         self.device = torch.device(device)
+        self.skipped = SYNCBN_ON_CPU if params["norm"] == "syncbn" and ranks.world_size() > 1 and device == "cpu" else None
+        if self.skipped:
+            return
         p = self.profile
         spec = DetectorSpec(
             arch=params["arch"], depth=int(params["depth"]), norm=params["norm"], norm_options=params["norm_options"],
@@ -115,7 +120,9 @@ class DetectionWorkload(TrainingWorkload):
         )
         torch.manual_seed(0)
         self.model = build_detector(spec).to(self.device)
-        self.images, self.targets = synthetic_batch(p.images_per_device, p.height_px, p.width_px, seed=0, device=self.device)
+        self.images, self.targets = synthetic_batch(p.images_per_device, p.height_px, p.width_px, seed=ranks.rank(),
+                                                    device=self.device)  # each rank its own images
+        self.distribute()
         trainable = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = torch.optim.SGD(trainable, lr=BASE_LR, momentum=0.9, weight_decay=1e-4)
         self.mode = modes.Mode.of(params)
@@ -126,7 +133,7 @@ class DetectionWorkload(TrainingWorkload):
 
     def loss(self) -> torch.Tensor:
         self.model.train()
-        return sum(self.model(self.images, self.targets).values())
+        return sum(self.trained()(self.images, self.targets).values())
 
     def after_optimizer_step(self) -> None:
         self.scheduler.step()
@@ -141,6 +148,8 @@ class DetectionWorkload(TrainingWorkload):
         self.known_counts = entry
 
     def measure(self) -> Measurement:
+        if self.skipped:
+            return Measurement({}, [self.skipped], status="skipped")
         for _ in range(WINDOW + 1):  # CBN's window is full from here on
             self.train_step()
         notes: list[str] = []
@@ -154,7 +163,8 @@ class DetectionWorkload(TrainingWorkload):
             torch.manual_seed(1)  # RoI sampling draws random numbers: fixed, so counts repeat exactly
             found["train_step_flops"] = flops.counted_flops(self.train_step)
             torch.manual_seed(1)
-            found["forward_macs"], skipped = flops.fvcore_forward_flops(NoInputForward(self.model, self.loss), ())
+            with self.locally():
+                found["forward_macs"], skipped = flops.fvcore_forward_flops(NoInputForward(self.model, self.loss), ())
             self.train_step()  # ends the traced iteration with an optimizer step
             torch.manual_seed(1)
             memory_metrics = self.memory(notes)
@@ -213,7 +223,7 @@ def tables(run: RunResult) -> list[Table]:
     mode = modes.Mode.of(params)
     title = (f"Table 6, profile {run.profile}: {arch} R{params['depth']}-FPN, norm in {_placement(params['placement'])}, "
              f"{p.images_per_device} x {p.width_px}x{p.height_px} images, {p.sampled_rois_per_image} RoIs/image, "
-             f"{mode.label}, on {run.environment.device_name}")
+             f"{mode.label}, on {run.environment.device_name}{processes_label(params)}")
     columns = ["norm", *ratios.COLUMNS, "paper xBN mem/FLOPs/train/infer"]
     return [Table(title, columns, rows, _caption(run, derived))]
 
@@ -243,7 +253,8 @@ def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
         f"({ratios.sampling_text(cases_here, run.device)}); "
         "ratios to BN with bootstrap 95% intervals; the paper's ratios are from its Table 6 (V100, 1333x800, 4 img/GPU)",
         "GN: 32 groups; CBN: efficient statistic-gradient path; -: frozen BN backbone and no norm in FPN and heads",
-        "SyncBN*: one process, where SyncBN is plain BN: no synchronization is measured",
+        _syncbn_caption(cases_here[0].params, run.device),
+        *processes_caption(cases_here[0].params),
         *mode_caption(modes.Mode.of(cases_here[0].params), "the conv stacks (backbone with FPN, box head, mask head); "
                       "the RPN and the RoI heads' sampling run eagerly"),
     ]
@@ -252,6 +263,15 @@ def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
         lines.append(ratios.verdict(check.value, STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"],
                                     run.device))
     return lines
+
+
+def _syncbn_caption(params: dict, device: str) -> str:
+    world = params.get("world_size", 1)
+    if world == 1:
+        return "SyncBN*: one process, where SyncBN is plain BN: no synchronization is measured"
+    if device == "cpu":
+        return f"SyncBN*: {SYNCBN_ON_CPU}"
+    return f"SyncBN*: statistics synchronized across the {world} processes through {params['backend']}"
 
 
 def figures(run: RunResult, stem: Path) -> list[Path]:

@@ -2,20 +2,24 @@
 and structure, warmed up, and timed round by round (train step and inference), in its worker.
 
 A subclass sets ``model``, ``optimizer``, ``device``, ``profile`` (with ``warmup_steps``),
-``images`` (what inference feeds the model) and ``mode`` (bench/modes.py), defines ``loss()``, and
-calls ``enter_mode()`` once the model and images exist. In a compiled mode the model (or what
+``images`` (what inference feeds the model) and ``mode`` (bench/modes.py), defines ``loss()`` (its
+forward through ``trained()``), and calls ``enter_mode()`` once the model and images exist and
+``distribute()`` before building the optimizer. On several processes (bench/ranks.py) training
+steps run through DistributedDataParallel, each rank on its own data; inference runs each rank's
+model alone, with no communication, as evaluation does. In a compiled mode the model (or what
 ``compile_targets`` names) is compiled when warm-up starts: FLOPs and memory are measured eagerly,
 in the mode's precision and memory format, and only the timed steps run compiled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from bench import memory
+from bench import memory, ranks
 from bench.modes import Mode, optimizer_step
 from bench.metrics import Metric, count, peak
 from bench.timing import synchronize, time_call
@@ -34,12 +38,34 @@ class TrainingWorkload:
     images: object
     mode: Mode = Mode()
     scaler: torch.amp.GradScaler | None = None
+    ddp: nn.Module | None = None  # DistributedDataParallel around the model on several processes
     compiled: bool = False
     steps_done: int = 0
     inference_warmup_calls = 1
 
     def loss(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def distribute(self) -> None:
+        """On several processes: DDP around the model (CBN keeps its statistics per rank; cbn.convert
+        took the history out of DDP's buffer broadcast)."""
+        if ranks.world_size() > 1:
+            ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def trained(self) -> nn.Module:
+        """What a training forward calls: DDP around the model on several processes, else the model."""
+        return self.ddp or self.model
+
+    @contextlib.contextmanager
+    def locally(self) -> Iterator[None]:
+        """Training forwards on the model itself, without DDP: for fvcore's jit trace, which is
+        not to trace DDP's buffer broadcast (every rank traces, so the ranks' collectives match)."""
+        ddp, self.ddp = self.ddp, None
+        try:
+            yield
+        finally:
+            self.ddp = ddp
 
     def compile_targets(self) -> list[nn.Module]:
         """The modules a compiled mode compiles in place (nn.Module.compile): the whole model by default."""
@@ -143,3 +169,20 @@ def mode_caption(mode: Mode, compiled_part: str) -> list[str]:
                      f"before compiling; dynamo's recompile_limit raised to {RECOMPILE_LIMIT} (CBN breaks the graph once "
                      "per layer)")
     return lines
+
+
+def processes_label(params: dict) -> str:
+    """What a table's title says of a case on several processes; nothing for one."""
+    world = params.get("world_size", 1)
+    return "" if world == 1 else f", {world} processes ({params['backend']})"
+
+
+def processes_caption(params: dict) -> list[str]:
+    """Caption lines saying how figures of a case on several processes were taken and reduced."""
+    world = params.get("world_size", 1)
+    if world == 1:
+        return []
+    return [f"{world} processes per case (torchrun, {params['backend']}), each with its own images, trained with "
+            "DistributedDataParallel; CBN's history per process; memory: the largest process's; FLOPs: per process "
+            "(the processes' mean); train iter/s: from the slowest process's time of each step (each one's median in the "
+            "JSON); inference: each process's model alone, no communication"]

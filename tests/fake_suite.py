@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.metrics import count
+from bench import ranks
+from bench.metrics import count, peak
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table
 
@@ -39,6 +40,11 @@ class Workload:
 
     def measure(self) -> Measurement:
         behaviour = self.params.get("behaviour")
+        if ranks.world_size() > 1:  # a case on several processes (tests/test_ranks.py)
+            if behaviour == "crash_rank1" and ranks.rank() == 1:
+                os._exit(3)
+            return Measurement({"answer_flops": count(42.0, "flop"), "peak_bytes": peak(100.0 * (1 + ranks.rank()))},
+                               [f"rank {ranks.rank()} of {ranks.world_size()}"])
         if behaviour == "oom":
             hog = bytearray(8 << 30)  # over the case's memory limit: MemoryError
             return Measurement({"bytes": count(len(hog), "byte")})
@@ -56,9 +62,9 @@ class Workload:
     def timed_round(self) -> dict[str, float]:
         with self.log.open("a") as f:
             f.write(self.params["label"] + "\n")
-        if self.params.get("behaviour") == "hang":
+        if self.params.get("behaviour") == "hang" or (self.params.get("behaviour") == "hang_rank1" and ranks.rank() == 1):
             time.sleep(60)
-        return {"work_time": 0.001 * (1 + len(self.params["label"]))}
+        return {"work_time": 0.001 * (1 + len(self.params["label"])) * (1 + ranks.rank())}
 
 
 def build(case: Case, device: str) -> Workload:

@@ -43,7 +43,7 @@ def test_help_lists_the_options():
 
 @pytest.mark.slow
 def test_smoke_run_of_both_suites_writes_results_and_compares(tmp_path):
-    first = bench("--profile", "smoke", "--rounds", "1", "--out", str(tmp_path))
+    first = bench("table6", "gradpath", "--profile", "smoke", "--rounds", "1", "--out", str(tmp_path))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     files = sorted(p.name for p in tmp_path.iterdir())
     assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)

@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+
+import cbn
+from helpers import batches, cbn_layers, conv_cbn_net, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,3 +43,46 @@ def test_without_the_ignore_list_ddp_would_hand_every_rank_rank_0s_history(tmp_p
     report = run_two_ranks(tmp_path, "broadcast")
     assert report["older_slot_equal_across_ranks"]
     assert max(report["own_mean_error"]) > 1e-3  # rank 1 holds rank 0's mean
+
+
+@pytest.mark.slow
+def test_a_run_resumed_from_a_rank_0_checkpoint_continues_exactly_on_every_rank(tmp_path):
+    report = run_two_ranks(tmp_path, "resume")
+    assert report["resumed_difference"] == [0.0, 0.0]  # outputs of 3 more steps, bit for bit
+
+
+@pytest.mark.slow
+def test_without_the_per_rank_history_rank_1_would_resume_with_rank_0s_window(tmp_path):
+    report = run_two_ranks(tmp_path, "resume_rank0_only")
+    assert report["resumed_difference"][1] > 1e-3  # (then rank 0 too, through the averaged gradients)
+
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_per_rank_state_is_each_layers_history_keyed_as_in_the_state_dict(one_rank_group):
+    net = conv_cbn_net(window=3)
+    train(net, batches(3))
+    state = cbn.per_rank_state(net)
+    assert {"1.history_mean", "1.history_grad_sq", "1.nonfinite_batches", "4.history_var"} <= set(state)
+    assert all(torch.equal(state[k], net.state_dict()[k]) for k in state if k in net.state_dict())
+    shares = cbn.gather_per_rank_state(net)
+    fresh = conv_cbn_net(window=3)
+    fresh.load_state_dict(net.state_dict())
+    cbn_layers(fresh)[0].history_mean.zero_()
+    cbn.load_per_rank_state(fresh, shares)
+    assert torch.equal(cbn_layers(fresh)[0].history_mean, cbn_layers(net)[0].history_mean)
+
+
+def test_per_rank_state_of_another_world_size_or_model_is_refused(one_rank_group):
+    net = conv_cbn_net(window=3)
+    train(net, batches(3))
+    share = cbn.per_rank_state(net)
+    with pytest.raises(ValueError, match="CBN history of 2 processes and this job has 1"):
+        cbn.load_per_rank_state(net, [share, share])
+    with pytest.raises(ValueError, match="'9.history_mean', which this model lacks"):
+        cbn.load_per_rank_state(net, [{"9.history_mean": share["1.history_mean"]}])

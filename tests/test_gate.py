@@ -124,7 +124,7 @@ def test_a_failed_case_lists_its_metrics_as_missing(tmp_path, capsys):
     (lambda d: d.update(profile="cpu"), "the baseline {b} is profile 'quick', the current {c} is 'cpu'"),
     (lambda d: d.update(device="cuda", environment=dict(d["environment"], device_name="NVIDIA H100 80GB HBM3")),
      "is device class 'cpu', the current {c} is 'nvidia-h100-80gb-hbm3'"),
-    (None, "is schema 'cbn-bench/results v4', the current {c} is 'cbn-bench/results v2'"),
+    (None, "is schema 'cbn-bench/results v5', the current {c} is 'cbn-bench/results v2'"),
     (lambda d: [c["params"]["settings"].update(rounds=99) for c in d["cases"] if c["suite"] == "table6"],
      "table6 in the baseline {b} was measured with other settings than in {c}"),
 ])
@@ -246,7 +246,7 @@ def test_results_sources_mark_timing_metrics():
     assert not src.metrics["table6.cbn.train_step_flops"].timing
     assert not src.metrics["table6.cbn/bn train_step_flops ratio"].timing
     assert not src.metrics["table6.cbn.peak_rss_bytes"].timing
-    assert (src.device, src.device_class, src.profile, src.schema) == ("cpu", "cpu", "quick", "cbn-bench/results v4")
+    assert (src.device, src.device_class, src.profile, src.schema) == ("cpu", "cpu", "quick", "cbn-bench/results v5")
 
 
 def test_a_foreign_file_is_refused(tmp_path, capsys):

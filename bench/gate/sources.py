@@ -43,6 +43,7 @@ class Source:
     threads: int | None = None
     settings: dict[str, list[str]] = field(default_factory=dict)  # suite -> its cases' stored settings
     mode: Mode = Mode()  # the training mode its cases ran in (bench/modes.py)
+    world_size: int = 1  # processes per case (bench/ranks.py)
 
     @property
     def kind(self) -> str:
@@ -73,7 +74,8 @@ def from_run(run: RunResult, path: str, stored_version: int) -> Source:
     e = run.environment
     return Source(path, f"{run.schema} v{stored_version}", "cpu" if run.device == "cpu" else "cuda",
                   device_class(run.device, e.device_name), run.profile, tuple(run.suites), metrics, absent,
-                  e.cpu_model, e.threads, {suite: sorted(texts) for suite, texts in settings.items()}, _mode(run, path))
+                  e.cpu_model, e.threads, {suite: sorted(texts) for suite, texts in settings.items()}, _mode(run, path),
+                  max((case.params.get("world_size", 1) for case in run.cases), default=1))
 
 
 def _mode(run: RunResult, path: str) -> Mode:
@@ -124,7 +126,11 @@ def pair(baselines: list[Source], currents: list[Source]) -> list[str]:
 
 
 def check_comparable(baseline: Source, current: Source) -> list[str]:
-    """Refuse unlike comparisons (device class, profile, schema, mode); note CPU model or thread changes."""
+    """Refuse unlike comparisons (device class, profile, schema, mode, processes per case); note CPU
+    model or thread changes."""
+    if baseline.world_size != current.world_size:
+        raise GateError(f"refusing to compare: the baseline {baseline.path} ran {baseline.world_size} process(es) per case, "
+                        f"the current {current.path} {current.world_size}; compare runs with the same --nproc")
     if baseline.mode != current.mode:
         raise GateError(f"refusing to compare: the baseline {baseline.path} ran in mode {baseline.mode.label}, the current "
                         f"{current.path} in {current.mode.label}; compare with a baseline of that mode "
