@@ -251,7 +251,7 @@ def _upgrade_3_to_4(data: dict) -> dict:
 
 def _upgrade_4_to_5(data: dict) -> dict:
     # Version 5 added what a case on several processes records (bench/ranks.py): each rank's value
-    # of a metric ("per_rank") and "world_size" and "backend" in the case's params. Every case of
+    # of a metric ("per_rank"), and "world_size", "backend" and "nodes" in the case's params. Every case of
     # a version 4 file ran in one process, which is what their absence means: nothing to convert.
     return dict(data, schema_version=5)
 

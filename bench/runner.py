@@ -43,10 +43,11 @@ class Worker:
                  known_counts: dict | None = None, rendezvous: list[str] | None = None) -> None:
         self.case = case
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        # Its own session: a timeout kills the whole tree, torchrun's ranks included.
-        self._proc = subprocess.Popen(worker_command(case, device, rendezvous), stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=worker_env(),
-                                      start_new_session=True)
+        command = worker_command(case, device, rendezvous)
+        self._torchrun = "torch.distributed.run" in command
+        # Its own session: a timeout kills the whole tree (kill_tree).
+        self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                      text=True, env=worker_env(), start_new_session=True)
         start = {"case": dataclasses.asdict(case), "suite_module": suite_module, "device": device, "threads": threads,
                  "math_modes": mathmodes.DEFAULT.to_dict(), "known_counts": known_counts}
         self._send(start)
@@ -66,11 +67,7 @@ class Worker:
         self._stderr.close()
 
     def _kill(self) -> None:
-        try:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self._proc.wait()
+        kill_tree(self._proc, self._torchrun)
 
     def _send(self, message: dict) -> None:
         try:
@@ -106,6 +103,28 @@ class Worker:
         self._stderr.seek(0)
         tail = self._stderr.read()[-chars:].strip()
         return f"stderr tail:\n{tail}" if tail else "no stderr output"
+
+
+def kill_tree(proc: subprocess.Popen, torchrun: bool) -> None:
+    """Kill a worker started in a session of its own, or torchrun and its ranks. torchrun starts
+    each rank in a session of its own, out of reach of a signal to torchrun's group, so it is
+    asked first (SIGTERM: it stops its ranks, SIGKILL after 30 s) and killed if it does not end."""
+    if torchrun:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def worker_env() -> dict[str, str]:
@@ -167,7 +186,7 @@ def run_cases(cases: list[Case], suite_modules: dict[str, str], device: str, thr
 
 
 class _GroupRun:
-    def __init__(self, group, suite_modules, device, threads, hook, results, known_counts, nodes) -> None:
+    def __init__(self, group, suite_modules, device, threads, hook, results, known_counts, nodes=ranks.Nodes()) -> None:
         self.group, self.suite_modules, self.device, self.threads = group, suite_modules, device, threads
         self.known_counts, self.nodes = known_counts, nodes
         self.hook, self.results = hook, results
@@ -289,8 +308,8 @@ def follow(cases: list[Case], device: str, nodes: ranks.Nodes, hook: ProgressHoo
             try:
                 code = proc.wait(timeout=case.timeout_s * steps(case))  # each phase within the case's timeout
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                code = proc.wait()
+                kill_tree(proc, torchrun=True)
+                code = proc.returncode
             if code != 0:
                 failures.append(f"{case.suite}/{case.name}: this node's processes exited with code {code}")
             hook.advance()

@@ -86,7 +86,9 @@ class CrossIterationBatchNorm2d(nn.Module):
 
     Under DistributedDataParallel each process keeps its own window (statistics per device, as in
     the paper): ``per_rank_buffers()`` names what DDP must not broadcast from rank 0, and
-    ``cbn.convert`` (or ``cbn.keep_statistics_per_rank``) puts it in DDP's ignore list.
+    ``cbn.convert`` (or ``cbn.keep_statistics_per_rank``) puts it in DDP's ignore list. A checkpoint
+    of rank 0's ``state_dict()`` holds rank 0's window only: ``cbn.gather_per_rank_state`` and
+    ``cbn.load_per_rank_state`` save and give back every rank's (cbn/distributed.py).
 
     Under torch.compile: evaluation mode compiles into the surrounding graph. A training call
     breaks the graph once, at ``_begin_step``: telling iterations apart reads the parameters'

@@ -35,6 +35,9 @@ class Workload:
     def __init__(self, params: dict) -> None:
         self.params = params
         self.log = Path(params["log"])
+        if params.get("pids"):  # which processes held this case (tests/test_ranks.py)
+            with Path(params["pids"]).open("a") as f:
+                f.write(f"{os.getpid()}\n")
         if params.get("behaviour") == "raise_on_build":
             raise RuntimeError("deliberate failure while building")
 

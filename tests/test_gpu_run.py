@@ -21,8 +21,9 @@ def test_the_paper_plan_fits_the_gpu_budget_and_says_how():
     plan = session.plan(["table6", "gradpath"], "paper", "cpu")  # the same cases as on CUDA
     seconds, lines = gpu_run.estimate(plan.cases, set(), "cuda", with_micro=True)
     assert seconds <= gpu_run.BUDGET_S
-    assert lines[0].startswith("table6: 6 cases, 6 rounds of 1 discarded + 2 kept steps, stored counts for 0")
-    assert lines[1].startswith("gradpath: 16 cases")
+    assert lines[0].startswith("SyncBN on one device probe")
+    assert lines[1].startswith("table6: 6 cases, 6 rounds of 1 discarded + 2 kept steps, stored counts for 0")
+    assert lines[2].startswith("gradpath: 16 cases")
     known = {("table6", c.name) for c in plan.cases if c.suite == "table6"}
     faster, _ = gpu_run.estimate(plan.cases, known, "cuda", with_micro=True)
     assert seconds - faster == pytest.approx(6 * gpu_run.COSTS["cuda"].count_s)  # stored counts save the counting
@@ -81,6 +82,7 @@ def test_the_script_runs_end_to_end_on_a_cpu_at_smoke_size(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "gpu-run plan on cpu" in done.stdout and "estimated total" in done.stdout
     assert "sync check, one CBN training step on cpu: no host synchronization" in done.stdout
+    assert "syncbn probe: gloo, 2 processes on one cpu device: fails: ValueError: SyncBatchNorm expected input" in done.stdout
     assert (tmp_path / "baselines" / "cpu" / "smoke.json").exists()
     assert (tmp_path / "baselines" / "cpu" / "smoke-bf16-channels_last-eager.json").exists()  # time was left for it
     assert len(list((tmp_path / "runs").glob("*_smoke_*.json"))) == 2

@@ -53,7 +53,7 @@ def test_a_failing_final_write_points_at_the_journal(tmp_path, fake_registry, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(results, "save_new", full_disk)
-    monkeypatch.setattr(session, "_run_with_progress", lambda cases, registry, device, threads, known, on_group: (
+    monkeypatch.setattr(session, "_run_with_progress", lambda cases, registry, device, threads, known, on_group, nodes: (
         on_group([finished("A")]) or ([finished("A")], False)))
     plan = session.Plan(["fake"], {"fake": session.load_suite({"fake": "fake_suite"}, "fake")}, "cpu", "smoke", [])
     with pytest.raises(ValueError, match=r"could not write the results .* every finished case is in .*journal.jsonl: "

@@ -64,7 +64,8 @@ def fake_suite_importable(monkeypatch):
 @pytest.mark.slow
 def test_cases_on_two_processes_a_dead_rank_and_a_hung_rank_fail_their_case_only(tmp_path, fake_suite_importable):
     def case(name, behaviour="", timeout_s=120.0):
-        params = {"label": name, "log": str(tmp_path / "rounds.log"), "behaviour": behaviour}
+        params = {"label": name, "log": str(tmp_path / "rounds.log"), "behaviour": behaviour,
+                  "pids": str(tmp_path / f"{name}.pids")}
         return Case("fake", name, params, group="g", rounds=2, timeout_s=timeout_s, nproc=2)
 
     cases = [case("dead", "crash_rank1"), case("hung", "hang_rank1", timeout_s=10), case("A")]
@@ -77,6 +78,9 @@ def test_cases_on_two_processes_a_dead_rank_and_a_hung_rank_fail_their_case_only
     assert work.samples == (0.004, 0.004) and work.per_rank == (0.002, 0.004)
     assert a.notes == ["rank 0 of 2", "rank 1: rank 1 of 2"]
     assert "exitcode" in found["dead"].error and "timed out after 10 s" in found["hung"].error
+    for pid in map(int, (tmp_path / "hung.pids").read_text().split()):  # both ranks gone, the stuck one too
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     # every rank runs each round: 2 rounds x 2 ranks
     assert (tmp_path / "rounds.log").read_text().split().count("A") == 4
 

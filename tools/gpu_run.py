@@ -10,7 +10,8 @@ and check that every package a run imports is there; the project itself runs fro
 (PYTHONPATH), so nothing else on the machine changes; (3) print the plan and its estimated time,
 and refuse a plan over the budget; (4) run one steady-state CBN training step under
 torch.cuda.set_sync_debug_mode("error"), which raises at any op that makes the host wait for the
-device (the layer promises none); (5) run `python -m bench baseline table6 gradpath micro` (table6
+device (the layer promises none), and probe whether SyncBN can be measured on one GPU
+(tools/syncbn_probe.py: gloo with two processes on the device; torch's fake process group); (5) run `python -m bench baseline table6 gradpath micro` (table6
 and gradpath in one run under results/runs/, then the micro-benchmarks), which writes
 results/baselines/<GPU>/ when every case succeeded; (6) when the budget allows, table6 again in
 bf16 autocast with channels_last (its own baseline, paper-bf16-channels_last-eager.json), then a
@@ -48,13 +49,16 @@ class Costs:
     count_s: float  # FLOP counting of one table6 case, when no stored count matches
     gradpath_case_s: float  # start, measure and warm-up of one gradpath case
     micro_s: float  # all micro-benchmarks, pytest's start included
+    syncbn_probe_s: float  # tools/syncbn_probe.py: a torchrun of 2 processes and one in-process probe
 
 
 COSTS = {
     # From the first H100 runs (results/runs/20261127T0122*, *0127*): table6 at 1333x800 took 206 s,
     # gradpath's 16 cases about 190 s, the micro-benchmarks about 50 s.
-    "cuda": Costs(worker_start_s=10, train_step_s=0.35, inference_s=0.55, count_s=5, gradpath_case_s=12, micro_s=60),
-    "cpu": Costs(worker_start_s=4, train_step_s=1.0, inference_s=0.4, count_s=10, gradpath_case_s=4, micro_s=60),
+    "cuda": Costs(worker_start_s=10, train_step_s=0.35, inference_s=0.55, count_s=5, gradpath_case_s=12, micro_s=60,
+                  syncbn_probe_s=40),
+    "cpu": Costs(worker_start_s=4, train_step_s=1.0, inference_s=0.4, count_s=10, gradpath_case_s=4, micro_s=60,
+                 syncbn_probe_s=15),
 }
 
 
@@ -94,7 +98,7 @@ def estimate(cases: list, known: set[tuple[str, str]], device: str, with_micro: 
     from suites.table6 import WINDOW
 
     costs = COSTS[device]
-    lines, total = [], 0.0
+    lines, total = [f"SyncBN on one device probe: about {costs.syncbn_probe_s / 60:.1f} min"], costs.syncbn_probe_s
     table6 = [c for c in cases if c.suite == "table6"]
     discarded = sampling.for_device(device, 1).discarded_per_round
     if table6:
@@ -160,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     before = _files(args.out, args.baselines, args.profiles)
     synced = sync_check(args.device)
+    subprocess.run([sys.executable, str(ROOT / "tools" / "syncbn_probe.py"), "--device", args.device])  # prints its verdicts
     suites = ["table6", "gradpath"] + ([] if args.skip_micro else ["micro"])
     command = baseline_command(args, suites)
     print("running:", " ".join(command), flush=True)
