@@ -59,8 +59,8 @@ class TrainingWorkload:
 
     @contextlib.contextmanager
     def locally(self) -> Iterator[None]:
-        """Training forwards on the model itself, without DDP: for fvcore's jit trace, which is
-        not to trace DDP's buffer broadcast (every rank traces, so the ranks' collectives match)."""
+        """Training forwards on the model itself, without DDP: for fvcore's jit trace, which must not
+        record DDP's buffer broadcast (a collective) as part of the model."""
         ddp, self.ddp = self.ddp, None
         try:
             yield

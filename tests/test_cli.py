@@ -42,37 +42,42 @@ def test_help_lists_the_options():
 
 
 @pytest.mark.slow
-def test_smoke_run_of_both_suites_writes_results_and_compares(tmp_path):
-    first = bench("table6", "gradpath", "--profile", "smoke", "--rounds", "1", "--out", str(tmp_path))
+def test_smoke_runs_write_results_compare_and_gate(tmp_path):
+    """table6 as CI runs it on several processes: BN, GN and CBN, each case on 2 gloo processes
+    (tools/gpu-run's end-to-end test runs it in one process); then gradpath, compared and gated."""
+    first = bench("table6", "--profile", "smoke", "--rounds", "1", "--nproc", "2", "--cases", "bn,gn,cbn", "--out",
+                  str(tmp_path))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)
-    assert any(f.endswith("_gradpath.png") for f in files)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]  # the runner alone writes, journal removed
     json_path = next(tmp_path.glob("*.json"))
     run = results.load(json_path)
-    assert {c.status for c in run.cases} == {"ok"}
-    assert "Table 6, profile smoke" in first.stdout and "Statistic-gradient paths" in first.stdout
-    assert "results written to" in first.stdout
-    case = {(c.suite, c.case): c.metrics for c in run.cases}
-    cbn, bn = case[("table6", "cbn")], case[("table6", "bn")]
+    assert [(c.case, c.status, c.params["world_size"], c.params["backend"]) for c in run.cases] == [
+        ("bn", "ok", 2, "gloo"), ("gn", "ok", 2, "gloo"), ("cbn", "ok", 2, "gloo")]
+    assert "Table 6, profile smoke" in first.stdout and "results written to" in first.stdout
+    report = json_path.with_suffix(".md").read_text()
+    assert "2 processes (gloo)" in report and "DistributedDataParallel" in report
+    case = {c.case: c.metrics for c in run.cases}
+    cbn, bn = case["cbn"], case["bn"]
     assert cbn["train_step_flops"].value > bn["train_step_flops"].value
     assert cbn["inference_forward_macs"].value == bn["inference_forward_macs"].value
-    assert case[("gradpath", "naive-3x3-C16")]["max_relative_difference_to_efficient"].value < 1e-3
+    assert cbn["cbn_history_bytes"].value > 0
     assert {(m.kind, m.unit) for m in (cbn["train_step_flops"], cbn["counted_total_bytes"], cbn["peak_rss_bytes"])} == {
         ("count", "flop"), ("count", "byte"), ("peak", "byte")}
     assert len(cbn["train_step_time"].samples) == 1 and cbn["train_step_time"].kind == "timing"
-    assert not list(tmp_path.glob(".*.journal.jsonl"))  # folded into the results file, then removed
+    assert all(len(m.per_rank) == 2 for m in (cbn["peak_rss_bytes"], cbn["train_step_time"], cbn["train_step_flops"]))
 
     shown = bench("show", str(json_path))
     assert shown.returncode == 0 and "Table 6, profile smoke" in shown.stdout
 
     second = bench("gradpath", "--profile", "smoke", "--rounds", "1", "--out", str(tmp_path), "--compare", str(json_path))
     assert second.returncode == 0, second.stdout[-3000:]
-    assert "comparison with the previous run" in second.stdout
-    assert len(list(tmp_path.glob("*.json"))) == 2  # the first run was not overwritten
+    assert "comparison with the previous run" in second.stdout and "Statistic-gradient paths" in second.stdout
+    baseline = next(p for p in tmp_path.glob("*.json") if p != json_path)  # the first run was not overwritten
+    assert baseline.with_name(baseline.stem + "_gradpath.png").exists()
+    gradpath = {c.case: c.metrics for c in results.load(baseline).cases}
+    assert gradpath["naive-3x3-C16"]["max_relative_difference_to_efficient"].value < 1e-3
 
     # The gate measures gradpath again and judges it against the second run as its baseline.
-    baseline = next(p for p in tmp_path.glob("*.json") if p != json_path)
     rules = tmp_path / "thresholds.toml"
     rules.write_text('[gradpath]\n"*.stored_bytes_per_step" = "== baseline"\n"speedup 3x3 C=16" = ">= 1"\n')
     gate = bench("gate", "gradpath", "--profile", "smoke", "--baseline", str(baseline), "--thresholds", str(rules),

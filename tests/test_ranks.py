@@ -1,21 +1,19 @@
 """Cases on several processes (bench/ranks.py): the reductions, the runner with torchrun-launched
-groups (a dead or hung rank fails its case only), the plan and the command line."""
+groups (a dead or hung rank fails its case only), two nodes, the plan and the command line. The
+table6 smoke run on 2 processes that CI runs is tests/test_cli.py's end-to-end test."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from bench import cli, ranks, results, runner, session
+from bench import cli, ranks, runner, session
 from bench.gate import sources
 from bench.metrics import Metric, count, peak, timing
 from bench.runner import run_cases
 from bench.suite import Case
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_memory_reduces_to_the_largest_rank_and_other_counts_to_the_mean():
@@ -110,25 +108,6 @@ def test_the_gate_refuses_to_compare_different_process_counts():
     two = sources.Source("b", "s", "cpu", "cpu", "quick", ("t",), {}, world_size=2)
     with pytest.raises(sources.GateError, match="1 process\\(es\\) per case, the current b 2"):
         sources.check_comparable(one, two)
-
-
-@pytest.mark.slow
-def test_table6_smoke_on_two_gloo_processes_writes_one_reduced_result(tmp_path):
-    """What CI runs on several processes: BN, GN and CBN in Mask R-CNN, each case on 2 ranks."""
-    done = subprocess.run([sys.executable, "-m", "bench", "table6", "--profile", "smoke", "--nproc", "2",
-                           "--cases", "bn,gn,cbn", "--rounds", "1", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, COLUMNS="200"))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    written = sorted(p.suffix for p in tmp_path.iterdir())
-    assert written == [".json", ".md"]  # rank 0's runner alone writes: one results file and its report
-    run = results.load(next(tmp_path.glob("*.json")))
-    assert [(c.case, c.status, c.params["world_size"], c.params["backend"]) for c in run.cases] == [
-        ("bn", "ok", 2, "gloo"), ("gn", "ok", 2, "gloo"), ("cbn", "ok", 2, "gloo")]
-    cbn = next(c for c in run.cases if c.case == "cbn")
-    assert len(cbn.metrics["peak_rss_bytes"].per_rank) == 2 and len(cbn.metrics["train_step_time"].per_rank) == 2
-    assert cbn.metrics["cbn_history_bytes"].value > 0 and cbn.metrics["train_step_flops"].per_rank[0] > 0
-    report = next(tmp_path.glob("*.md")).read_text()
-    assert "2 processes (gloo)" in report and "DistributedDataParallel" in report
 
 
 def free_port_pair() -> int:
