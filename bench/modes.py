@@ -67,8 +67,9 @@ class Mode:
         """Compile module in place (nn.Module.compile: the module tree and state_dict keys stay)."""
         module.compile(backend=BACKEND)
 
-    def memory_format(self, model: nn.Module) -> nn.Module:
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+    def memory_format(self, value: nn.Module | torch.Tensor) -> nn.Module | torch.Tensor:
+        """A module's weights, or a 4-d tensor, in this mode's memory format (as they are, if not channels_last)."""
+        return value.to(memory_format=torch.channels_last) if self.channels_last else value
 
     def check(self, device: str) -> Mode:
         """This mode, if it can run on device (fp16 is CUDA-only); a ValueError naming the fix otherwise."""

@@ -40,10 +40,10 @@ class Worker:
     the torchrun that holds its group of workers (rank 0 speaks for them)."""
 
     def __init__(self, case: Case, suite_module: str, device: str, threads: int | None,
-                 known_counts: dict | None = None, rendezvous: list[str] | None = None) -> None:
+                 known_counts: dict | None = None, nodes: ranks.Nodes = ranks.Nodes(), slot: int = 0) -> None:
         self.case = case
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        command = worker_command(case, device, rendezvous)
+        command = worker_command(case, device, nodes, slot)
         self._torchrun = "torch.distributed.run" in command
         # Its own session: a timeout kills the whole tree (kill_tree).
         self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
@@ -131,13 +131,13 @@ def worker_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
-def worker_command(case: Case, device: str, rendezvous: list[str] | None) -> list[str]:
-    """One worker process, or this node's share of a case's group through torchrun (rendezvous:
-    its options, bench/ranks.py; given for every case of a run on several nodes)."""
-    if case.nproc == 1 and rendezvous is None:
+def worker_command(case: Case, device: str, nodes: ranks.Nodes, slot: int) -> list[str]:
+    """One worker process, or this node's share of a case's group through torchrun (slot: the
+    case's index in its group, which picks its rendezvous port on several nodes; bench/ranks.py)."""
+    if case.nproc == 1 and nodes.count == 1:
         return [sys.executable, "-m", "bench.worker"]
     return ranks.launch_command(sys.executable, case.nproc, ranks.backend_for(device), case.timeout_s,
-                                rendezvous or ["--standalone"])
+                                nodes.rendezvous(slot))
 
 
 def groups_of(cases: list[Case]) -> list[list[Case]]:
@@ -234,9 +234,9 @@ class _GroupRun:
         self.hook.advance()
 
     def _start(self, case: Case) -> None:
-        rendezvous = self.nodes.rendezvous(self.group.index(case)) if self.nodes.count > 1 else None
         self.workers[case.name] = Worker(case, self.suite_modules[case.suite], self.device, self.threads,
-                                         self.known_counts.get((case.suite, case.name)), rendezvous)
+                                         self.known_counts.get((case.suite, case.name)), self.nodes,
+                                         self.group.index(case))
 
     def _measure(self, case: Case) -> None:
         reply = self.workers[case.name].request("measure")
@@ -302,7 +302,7 @@ def follow(cases: list[Case], device: str, nodes: ranks.Nodes, hook: ProgressHoo
         started = []
         for slot, case in enumerate(group):
             hook.describe(f"{case.suite}/{case.name}: this node's {case.nproc} processes")
-            started.append((case, subprocess.Popen(worker_command(case, device, nodes.rendezvous(slot)),
+            started.append((case, subprocess.Popen(worker_command(case, device, nodes, slot),
                                                    stdin=subprocess.DEVNULL, env=worker_env(), start_new_session=True)))
         for case, proc in started:
             try:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cbn.distributed import keep_statistics_per_rank
 from cbn.layer import CrossIterationBatchNorm2d
 
 CONVERTIBLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -102,25 +103,6 @@ def convert(
         if name in pairs:
             layer.bind(modules[pairs[name]], name=name or None, conv_name=pairs[name])
     return keep_statistics_per_rank(model)
-
-
-def keep_statistics_per_rank(model: nn.Module) -> nn.Module:
-    """Keep each process's CBN history its own under DistributedDataParallel.
-
-    DDP (with its default broadcast_buffers=True) copies rank 0's buffers into every other rank at
-    each forward, which would make every rank's window hold rank 0's past statistics; the paper
-    keeps statistics per device. This lists the CBN layers' history buffers and non-finite counts
-    in DDP's ignore list of ``model`` (``_ddp_params_and_buffers_to_ignore``, read when DDP wraps
-    ``model``); running statistics, parameters and every other buffer are synchronized as before.
-    ``cbn.convert`` calls it on the model it converts; call it on the module you wrap in DDP when
-    that is not the one you converted. Returns the model.
-    """
-    names = [_join(prefix, field) for prefix, module in model.named_modules()
-             if isinstance(module, CrossIterationBatchNorm2d) for field in module.per_rank_buffers()]
-    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, ignored + [n for n in names if n not in ignored])
-    return model
 
 
 def _from_batchnorm(bn: nn.modules.batchnorm._BatchNorm, **options) -> CrossIterationBatchNorm2d:

@@ -75,9 +75,8 @@ class LayerStep:
                  mode: Mode = Mode()) -> None:
         self.block = mode.memory_format(conv_norm_block(norm, shape[1], device))
         self.params = list(self.block.parameters())
-        layout = torch.channels_last if mode.channels_last else torch.contiguous_format
-        self.x = torch.randn(shape, device=device).contiguous(memory_format=layout)
-        self.grad = torch.randn(shape, device=device).contiguous(memory_format=layout)
+        self.x = mode.memory_format(torch.randn(shape, device=device))
+        self.grad = mode.memory_format(torch.randn(shape, device=device))
         self.op = op
         self.mode = mode
         if mode.compile:

@@ -73,8 +73,8 @@ class TrainingWorkload:
 
     def enter_mode(self) -> None:
         self.mode.memory_format(self.model)
-        if self.mode.channels_last and isinstance(self.images, torch.Tensor):
-            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        if isinstance(self.images, torch.Tensor):  # detection's image lists go through torchvision's transform
+            self.images = self.mode.memory_format(self.images)
         self.scaler = self.mode.grad_scaler(self.device)
 
     def compile_now(self) -> None:
