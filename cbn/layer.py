@@ -363,14 +363,12 @@ class CrossIterationBatchNorm2d(nn.Module):
 
         The entry's validity is decided on the device: a non-finite entry is stored with weight 0,
         so it never enters a window, and counted in ``nonfinite_batches``; no host sync."""
-        entry = {"mean": mean, "var": var}
         if self.compensate:
             with profiled("cbn::statistic_gradients"):
-                entry.update(self._statistic_gradients(x, mean, captured))
+                self._statistic_gradients(x, mean, captured, slot)
         total = torch.cat((mean, var)).sum()  # not finite exactly when the statistics are not (barring overflow)
         finite = _finite(total)
-        entry["valid"] = finite
-        for field, value in entry.items():
+        for field, value in (("mean", mean), ("var", var), ("valid", finite)):
             getattr(self, "history_" + field)[slot].copy_(value)
         count = self.nonfinite_batches
         count.copy_(torch.where(finite, count, count + 1))
@@ -384,11 +382,14 @@ class CrossIterationBatchNorm2d(nn.Module):
                 "(cbn.convert(model) pairs them), or use compensate=False."
             )
 
-    def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple) -> dict[str, Tensor]:
+    def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple, slot: int) -> None:
+        """This step's statistic gradients, written straight into history slot ``slot``."""
         dtype = mean.dtype  # float32, or float64 for float64 inputs
         weight, bias = self._current_conv_params(dtype)
-        return GRAD_PATHS[self.grad_path].compute(to_dtype(captured[0], dtype), to_dtype(x, dtype), weight, bias,
-                                                  self._geometry())
+        path = GRAD_PATHS[self.grad_path]
+        geometry = self._geometry()
+        out = {f: getattr(self, "history_" + f)[slot] for f in path.field_shapes(geometry)}
+        path.compute(to_dtype(captured[0], dtype), to_dtype(x, dtype), weight, bias, geometry, out=out)
 
     def _allocate_history(self, x: Tensor) -> None:
         """The history buffers, (k-1, *field shape) each, as zeros (empty, weight 0), made on the

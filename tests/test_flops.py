@@ -10,9 +10,12 @@ from bench.flops import FVCORE_HANDLES, counted_flops, fvcore_forward_flops
 # conv 4 -> 6, 3x3, padding 1, on 2x4x8x8: 2*8*8 positions x 6 outputs x (4*3*3) inputs
 CONV_MACS = 2 * 8 * 8 * 6 * 4 * 3 * 3  # 27648
 GRAD_SQ_MACS = CONV_MACS  # d nu/d theta: a weight gradient as large as the conv
-# d mu/d theta: a box filter over the batch-summed input, C_in x (3x3 kernel offsets) x (8x8 output
-# positions): the batch size (2) times fewer than a weight gradient with one output channel.
-GRAD_MEAN_MACS = 4 * 3 * 3 * 8 * 8
+# d mu/d theta from the batch-summed input (4, 8, 8): its (C_in*H, W) rows times the (W, 3) column
+# selector, then the (3, H) row selector times each channel's (H, 3)
+GRAD_MEAN_MACS = 4 * 8 * 8 * 3 + 4 * 3 * 8 * 3
+# the compensation of one past slot (window 2), at the 6 x 36 weight: L_mu one (1 x 36) @ (36 x 6)
+# product, L_nu six row-wise (1 x 36) @ (36 x 1) products
+LINEAR_FORM_MACS = 6 * 36
 
 
 def conv_cbn(window: int = 2):
@@ -34,7 +37,8 @@ def test_fvcore_handle_counts_cbn_weight_gradients_exactly():
     analysis = FlopCountAnalysis(net, (x,)).set_op_handle(**FVCORE_HANDLES)
     analysis.unsupported_ops_warnings(False)
     by_op = analysis.by_operator()
-    assert by_op["conv"] == CONV_MACS + GRAD_MEAN_MACS  # the box filter is an ordinary conv
+    assert by_op["conv"] == CONV_MACS
+    assert by_op["mm"] + by_op["bmm"] == GRAD_MEAN_MACS + 2 * LINEAR_FORM_MACS
     assert by_op["conv_weight_grad"] == GRAD_SQ_MACS
     assert "cbn::conv_weight_grad" not in analysis.unsupported_ops()
 
@@ -78,13 +82,13 @@ def test_fvcore_forward_flops_reports_what_it_skipped():
 
 
 def test_fvcore_traces_the_layer_again_and_again():
-    """The layer caches small constant tensors (cbn.functional.constant, the box filter); one made
+    """The layer caches small constant tensors (cbn.functional.constant, the patch-mean selectors); one made
     while jit traced a step must not reach a later trace, which fails inside the tracer."""
     from cbn.functional import _constant
-    from cbn.statgrad import _box
+    from cbn.statgrad import _grid_selectors
 
     _constant.cache_clear()
-    _box.cache_clear()
+    _grid_selectors.cache_clear()
     net, x, step = conv_cbn()
     counts = []
     for _ in range(3):  # the first trace is a fresh layer's first call, the first to ask for constants

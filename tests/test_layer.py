@@ -22,6 +22,24 @@ def bn_net_like(net: nn.Module) -> nn.Sequential:
     return bn_net
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-3), (torch.float64, 1e-9)], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_cpu_batch_statistics_have_no_cancellation(dtype, rtol, layout):
+    """The CPU statistics (two passes of plain reductions) agree with BatchNorm's kernel and with
+    float64 on data whose mean is 1e5 times its spread, where E[x^2] - E[x]^2 in float32 would
+    leave no correct digit of the variance."""
+    from cbn.functional import batch_statistics
+
+    x = (torch.randn(3, 5, 7, 6, dtype=torch.float64) * 0.01 + 1e3).to(dtype).contiguous(memory_format=layout)
+    exact_var, exact_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    mean, var = batch_statistics(x)
+    assert mean.dtype == var.dtype == dtype
+    assert_close(mean.double(), exact_mean, rtol=rtol, atol=0)
+    assert_close(var.double(), exact_var, rtol=rtol, atol=0)
+    kernel_mean, kernel_var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    assert_close(var, kernel_var, rtol=rtol, atol=0)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("window, burn_in", [(1, 0), (4, 100)], ids=["k=1", "in-burn-in"])
 def test_window_one_matches_batchnorm(window, burn_in, momentum):
