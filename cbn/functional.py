@@ -63,9 +63,9 @@ _REDUCE_DIMS = (0, 2, 3)
 
 def _two_pass_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     """The mean, then the mean square of the centred input: as exact as a one-pass Welford update
-    (no E[x^2] - E[x]^2 cancellation), and on a CPU 3-5x faster than BatchNorm's statistics kernel
-    (torch 2.15, 2 threads: 0.12 ms against 0.66 ms at 4x64x56x56), which runs per channel.
-    The centred copy is a temporary the size of x."""
+    (no E[x^2] - E[x]^2 cancellation), and on a CPU 1.7-5.5x faster than BatchNorm's statistics
+    kernel (torch 2.15, 2 threads: 0.12 ms against 0.66 ms at 4x64x56x56, 0.05 against 0.09 ms at
+    4x512x7x7). The centred copy is a temporary the size of x."""
     inverse_count = constant(x.shape[1] / x.numel(), x.dtype)
     mean = x.sum(_REDUCE_DIMS).mul_(inverse_count)
     centred = x - mean.view(-1, 1, 1)

@@ -129,27 +129,26 @@ def patch_mean(y: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int]) -> Te
     over the batch, then, since the positions kernel offset (i, j) reads form a grid (rows R_i x
     columns C_j), sum them with two small products, P[c] = S_rows @ total[c] @ S_cols, where
     S_rows[i, h] = 1 if row h is in R_i (likewise S_cols, which also holds 1/M). The sum over the
-    batch is the one pass over y; about 2-4x faster on a CPU than a box-filter convolution of the
-    batch sum, and N times fewer multiply-adds than the weight gradient."""
+    batch is the one pass over y. On a CPU 1.2-5x faster per layer than a box-filter convolution of
+    the batch sum (2.3x summed over ResNet-18's layers), and N times fewer multiply-adds than the
+    weight gradient."""
     _, c_in_per_group, kh, kw = geometry.weight_shape
     n, c_in, h, w = y.shape
-    rows, columns = cached(_grid_selectors, geometry, (h, w), out_hw, n, y.dtype, y.device)
+    rows, columns = cached(_grid_selectors, (kh, kw), geometry.stride, geometry.padding, geometry.dilation, (h, w),
+                           out_hw, n, y.dtype, y.device)
     by_column = torch.mm(y.sum(0).reshape(c_in * h, w), columns)  # (C_in * H, kw)
     sums = torch.bmm(rows.expand(c_in, kh, h), by_column.view(c_in, h, kw))  # (C_in, kh, kw)
     return sums.view(geometry.groups, c_in_per_group, kh, kw)
 
 
 @functools.lru_cache(maxsize=64)
-def _grid_selectors(geometry: ConvGeometry, in_hw: tuple[int, int], out_hw: tuple[int, int], n: int, dtype: torch.dtype,
-                    device: torch.device) -> tuple[Tensor, Tensor]:
+def _grid_selectors(kernel_hw: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                    dilation: tuple[int, int], in_hw: tuple[int, int], out_hw: tuple[int, int], n: int,
+                    dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """patch_mean's (kh, H) row selector and (W, kw) column selector, the latter scaled by 1/M, made
     once per shape and device (inference's eval mode never calls it; a few dozen shapes cover a
     multi-scale detector)."""
-    kh, kw = geometry.weight_shape[2:]
-    rows, columns = (
-        _selector(kernel, size, positions, stride, padding, dilation, dtype, device)
-        for kernel, size, positions, stride, padding, dilation in
-        zip((kh, kw), in_hw, out_hw, geometry.stride, geometry.padding, geometry.dilation))
+    rows, columns = (_selector(*along, dtype, device) for along in zip(kernel_hw, in_hw, out_hw, stride, padding, dilation))
     return rows, columns.t().mul(1.0 / (n * out_hw[0] * out_hw[1])).contiguous()
 
 
