@@ -33,10 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cbn.functional import cached, constant
+from cbn.functional import REDUCE_DIMS, cached, constant
 from cbn.ops import conv_weight_grad
-
-_REDUCE_DIMS = (0, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -188,7 +186,7 @@ class NaivePath:
 
         def stats(w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
             conv_out = F.conv2d(y, w, b, **kwargs)
-            return conv_out.mean(_REDUCE_DIMS), conv_out.square().mean(_REDUCE_DIMS)
+            return conv_out.mean(REDUCE_DIMS), conv_out.square().mean(REDUCE_DIMS)
 
         if bias is None:
             jac_mean_w, jac_sq_w = torch.func.jacrev(lambda w: stats(w, None))(weight)
