@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbn.functional import REDUCE_DIMS, cached, constant
-from cbn.ops import conv_weight_grad
+from cbn.ops import weight_grad
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class EfficientPath:
         geo = [list(geometry.stride), list(geometry.padding), list(geometry.dilation), geometry.groups]
         # d nu / d theta = conv weight gradient with grad_output 2x/M, scaled as it is written out
         # (one pass over the |W|-sized result, which the copy into the history would make anyway).
-        torch.mul(conv_weight_grad(y, x, weight, *geo), constant(2.0 / (n * h * w), x.dtype), out=out["grad_sq"])
+        torch.mul(weight_grad(y, x, weight, *geo), constant(2.0 / (n * h * w), x.dtype), out=out["grad_sq"])
         out["grad_mean"].copy_(patch_mean(y, geometry, (h, w)))
         return out
 

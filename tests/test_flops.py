@@ -3,8 +3,10 @@
 import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import cbn
+import cbn.ops
 from bench.flops import FVCORE_HANDLES, counted_flops, fvcore_forward_flops
 
 # conv 4 -> 6, 3x3, padding 1, on 2x4x8x8: 2*8*8 positions x 6 outputs x (4*3*3) inputs
@@ -47,6 +49,23 @@ def test_flop_counter_formula_for_the_custom_op():
     y, go = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8)
     count = counted_flops(lambda: torch.ops.cbn.conv_weight_grad(y, go, torch.empty(6, 4, 3, 3), [1, 1], [1, 1], [1, 1], 1))
     assert count == 2 * GRAD_SQ_MACS
+
+
+def test_weight_grad_goes_through_the_registered_op_only_while_ops_are_recorded(monkeypatch):
+    calls = []
+    registered = cbn.ops.conv_weight_grad
+    monkeypatch.setattr(cbn.ops, "conv_weight_grad", lambda *args: calls.append(1) or registered(*args))
+    y, go, weight = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8), torch.empty(6, 4, 3, 3)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    plain = cbn.ops.weight_grad(y, go, weight, *geometry)
+    assert calls == []  # plain eager: aten directly, no custom-op dispatch
+    assert torch.equal(plain, registered(y, go, weight, *geometry))
+    with FlopCounterMode(display=False):
+        cbn.ops.weight_grad(y, go, weight, *geometry)
+    with torch.profiler.profile():
+        cbn.ops.weight_grad(y, go, weight, *geometry)
+    torch.jit.trace(lambda y, go: cbn.ops.weight_grad(y, go, weight, *geometry), (y, go), check_trace=False)
+    assert len(calls) == 3
 
 
 def test_training_step_counts_include_cbn_and_repeat():
