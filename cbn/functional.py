@@ -100,12 +100,16 @@ def _ones(channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.ones(channels, dtype=dtype, device=device)
 
 
+def capturing() -> bool:
+    """Whether torch.jit.trace (fvcore) or torch.compile is recording the ops being run into a graph."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def cached(factory, *args) -> Tensor:
     """factory(*args) from its functools.lru_cache, except while torch.jit.trace (fvcore) or
     torch.compile records the ops being run: a tensor made during one capture must not be reused
     by another, so a capture makes its own."""
-    capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    return factory.__wrapped__(*args) if capturing else factory(*args)
+    return factory.__wrapped__(*args) if capturing() else factory(*args)
 
 
 def to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -18,12 +18,13 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from cbn.functional import capturing
+
 
 def weight_grad(input: torch.Tensor, grad_output: torch.Tensor, weight: torch.Tensor, stride: list[int],
                 padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
     """conv_weight_grad, through the registered op only when something records ops (see above)."""
-    recording = (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-                 or torch.autograd.profiler._is_profiler_enabled)
+    recording = capturing() or torch._C._len_torch_dispatch_stack() > 0 or torch.autograd.profiler._is_profiler_enabled
     op = conv_weight_grad if recording else _weight_grad_aten
     return op(input, grad_output, weight, stride, padding, dilation, groups)
 
