@@ -188,7 +188,7 @@ def _caption(run: RunResult, model: str, derived: dict[str, Derived]) -> list[st
     check = derived.get(f"{model}.{STEP_TIME_OVER_FLOPS}")
     if check is not None:
         target = CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"]
-        lines.append(ratios.verdict(check.value, target, run.device, enforced=False))
+        lines.append(ratios.verdict(check, target, run.device, enforced=False))
     return lines
 
 

@@ -35,10 +35,12 @@ def to_bn(suite: str, prefix: str, name: str, case: CaseResult, bn: CaseResult) 
 
 
 def step_time_over_flops(suite: str, prefix: str, cbn: CaseResult, bn: CaseResult) -> Derived:
-    """CBN's time ratio to BN over its training-FLOP ratio: 1 when its extra time is its extra FLOPs."""
-    time_ratio = cbn.metrics["train_step_time"].value / bn.metrics["train_step_time"].value
+    """CBN's time ratio to BN over its training-FLOP ratio: 1 when its extra time is its extra FLOPs.
+    With the time ratio's bootstrap 95% interval (the FLOP ratio is exact)."""
+    time_ratio = ratio_of_medians(cbn.metrics["train_step_time"].samples, bn.metrics["train_step_time"].samples)
     flop_ratio = cbn.metrics["train_step_flops"].value / bn.metrics["train_step_flops"].value
-    return Derived(suite, prefix + STEP_TIME_OVER_FLOPS, time_ratio / flop_ratio, kind="timing")
+    return Derived(suite, prefix + STEP_TIME_OVER_FLOPS, time_ratio.median / flop_ratio, time_ratio.ci_low / flop_ratio,
+                   time_ratio.ci_high / flop_ratio, kind="timing")
 
 
 def cells(case: CaseResult, name: str, prefix: str, derived: dict[str, Derived]) -> list[str]:
@@ -68,10 +70,12 @@ COLUMNS = ["memory (xBN)", "fwd GMAC (xBN)", "train-step GFLOP (xBN)", "train it
            "infer iter/s (xBN [95% CI])"]
 
 
-def verdict(value: float, target: float, device: str, enforced: bool = True) -> str:
-    side = "within" if value <= target else "ABOVE"
+def verdict(check: Derived, target: float, device: str, enforced: bool = True) -> str:
+    side = "within" if check.value <= target else "ABOVE"
     how = "which the gate enforces too" if enforced else "a goal; the gate holds the ratio to its baseline"
-    return f"CBN/BN step-time ratio / training-FLOP ratio = {value:.3f} ({side} the {target:.2f} target on {device}, {how})"
+    interval = "" if check.ci_low is None else f" [95% CI {check.ci_low:.3f}-{check.ci_high:.3f}]"
+    return (f"CBN/BN step-time ratio / training-FLOP ratio = {check.value:.3f}{interval} "
+            f"({side} the {target:.2f} target on {device}, {how})")
 
 
 def sampling_text(cases: list[CaseResult], device: str) -> str:

@@ -260,7 +260,7 @@ def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
     ]
     check = derived.get(STEP_TIME_OVER_FLOPS)
     if check is not None:
-        lines.append(ratios.verdict(check.value, STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"],
+        lines.append(ratios.verdict(check, STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"],
                                     run.device))
     return lines
 

@@ -87,14 +87,18 @@ def test_classify_cases_group_each_model_and_ratios_stay_within_it():
                measured("resnet50", "bn", 2.0, 300.0), measured("resnet50", "gn", 2.2, 300.0)]
     derived = {d.name: d for d in classify.derive(results)}
     assert derived["resnet18.cbn/bn train iter/s ratio"].value == pytest.approx(1 / 1.5)
-    assert derived["resnet18.cbn/bn step-time ratio over training-FLOP ratio"].value == pytest.approx(1.5 / 1.34)
+    check = derived["resnet18.cbn/bn step-time ratio over training-FLOP ratio"]
+    assert check.value == pytest.approx(1.5 / 1.34)
+    # the time ratio's bootstrap interval over the exact FLOP ratio: the samples span 0.98-1.02 of each median
+    assert 1.5 / 1.34 * 0.98 / 1.02 <= check.ci_low < check.value < check.ci_high <= 1.5 / 1.34 * 1.02 / 0.98
     assert derived["resnet50.gn/bn train iter/s ratio"].value == pytest.approx(1 / 1.1)
     assert not any(name.startswith("resnet50.cbn") for name in derived)  # no CBN case for that model
     run = RunResult("cpu", "cpu", ["classify"], environment(), results, list(derived.values()))
     r18, r50 = classify.tables(run)
     assert "ResNet-18" in r18.title and "4 x 224x224 images" in r18.title and "ResNet-50" in r50.title
     assert {row[0]: row for row in r18.rows}["CBN k=4"][4].startswith("0.667 (0.667 [")
-    assert any("1.119 (ABOVE the 1.08 target on cpu, a goal" in line for line in r18.caption)
+    interval = f"[95% CI {check.ci_low:.3f}-{check.ci_high:.3f}]"
+    assert any(f"1.119 {interval} (ABOVE the 1.08 target on cpu, a goal" in line for line in r18.caption)
 
 
 def test_a_file_renders_the_sizes_it_was_measured_at_after_its_profile_changed(monkeypatch):
