@@ -158,7 +158,10 @@ def reduce_measured(replies: list[dict]) -> dict:
         notes += [f"rank {i}: {note}" for note in reply["notes"] if note not in first["notes"]]
     errors = [f"rank {i}: {r['error']}" for i, r in enumerate(replies) if r["error"]]
     status = "skipped" if any(r["status"] == "skipped" for r in replies) else first["status"]
-    reduced = {**first, "metrics": metrics, "notes": notes, "status": status, "error": "; ".join(errors) or None}
+    missing = {name: why for r in reversed(replies) for name, why in r.get("missing", {}).items()}
+    # work: rank 0's digests (each rank computes on its own images, so theirs differ by design)
+    reduced = {**first, "metrics": metrics, "notes": notes, "status": status, "error": "; ".join(errors) or None,
+               "missing": missing}
     for key in ("cuda_peak_reserved_bytes", "cuda_total_bytes"):  # the runner's cache policy: the fullest device
         if key in first:
             reduced[key] = max(r[key] for r in replies)

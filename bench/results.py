@@ -21,7 +21,7 @@ from typing import Any
 from bench.metrics import Metric
 
 SCHEMA = "cbn-bench/results"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 STATUSES = ("ok", "error", "skipped", "interrupted")
 
 
@@ -63,6 +63,8 @@ class CaseResult:
     metrics: dict[str, Metric] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)  # how samples were taken (bench/sampling.py)
+    missing: dict[str, str] = field(default_factory=dict)  # metric -> why it could not be measured
+    work: dict[str, str] = field(default_factory=dict)  # what the case computed on, as digests (bench/suite.py)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -256,7 +258,15 @@ def _upgrade_4_to_5(data: dict) -> dict:
     return dict(data, schema_version=5)
 
 
-UPGRADES = {0: _upgrade_0_to_1, 1: _upgrade_1_to_2, 2: _upgrade_2_to_3, 3: _upgrade_3_to_4, 4: _upgrade_4_to_5}
+def _upgrade_5_to_6(data: dict) -> dict:
+    # Version 6 added each timing sample's round ("rounds"), a case's metrics that failed to be
+    # measured ("missing") and digests of its work ("work"). A version 5 case has none of them: its
+    # samples were kept in consecutive groups of sampling["kept_per_round"] (Metric.by_round).
+    return dict(data, schema_version=6)
+
+
+UPGRADES = {0: _upgrade_0_to_1, 1: _upgrade_1_to_2, 2: _upgrade_2_to_3, 3: _upgrade_3_to_4, 4: _upgrade_4_to_5,
+            5: _upgrade_5_to_6}
 
 
 def read_json(path: Path, what: str) -> object:

@@ -193,6 +193,7 @@ class _GroupRun:
         self.workers: dict[str, Worker] = {}
         self.measured: dict[str, dict] = {}
         self.samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.sample_rounds: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         self.rank_samples: dict[str, dict[str, list[list[float]]]] = defaultdict(dict)  # nproc > 1: each rank's
         self.sampling = {c.name: sampling.for_device(device, c.kept_per_round) for c in group}
         self.empty_cache = True
@@ -209,9 +210,10 @@ class _GroupRun:
             for r in range(max(c.rounds for c in self.group)):
                 for case in sampling.rotated(self._live(), r):
                     if r < case.rounds:
-                        self._step(case, f"timing round {r + 1}/{case.rounds}", lambda c=case: self._round(c))
+                        self._step(case, f"timing round {r + 1}/{case.rounds}", lambda c=case, r=r: self._round(c, r))
             for case in self._live():
                 self._finish(case)
+            check_identical_work(self.group, self.results)
         finally:
             for case in list(self.workers):
                 self._drop(case)
@@ -246,7 +248,8 @@ class _GroupRun:
             status = "skipped" if reply["status"] == "skipped" else "error"
             self._drop(case.name)
             self.results[(case.suite, case.name)] = CaseResult(
-                case.suite, case.name, case.params, status, reply["error"], reply["metrics"], notes=reply["notes"])
+                case.suite, case.name, case.params, status, reply["error"], reply["metrics"], notes=reply["notes"],
+                missing=reply.get("missing", {}), work=reply.get("work", {}))
             for _ in range(case.rounds + 1):  # its warm-up and rounds will not run
                 self.hook.advance()
 
@@ -265,12 +268,13 @@ class _GroupRun:
     def _warmup(self, case: Case) -> None:
         self.workers[case.name].request("warmup", empty_cache=self.empty_cache)
 
-    def _round(self, case: Case) -> None:
+    def _round(self, case: Case, round_index: int) -> None:
         how = self.sampling[case.name]
         reply = self.workers[case.name].request("round", kept=how.kept_per_round, discarded=how.discarded_per_round,
                                                 empty_cache=self.empty_cache)
         for name, values in reply["samples"].items():
             self.samples[case.name][name].extend(values)
+            self.sample_rounds[case.name][name].extend([round_index] * len(values))
         for name, per_rank in reply.get("rank_samples", {}).items():
             kept = self.rank_samples[case.name].setdefault(name, [[] for _ in per_rank])
             for rank, values in enumerate(per_rank):
@@ -280,16 +284,36 @@ class _GroupRun:
         measured = self.measured[case.name]
         metrics = dict(measured["metrics"])
         per_rank = self.rank_samples[case.name]
-        metrics.update({name: timing(list(values), ranks.rank_medians(per_rank[name]) if name in per_rank else ())
+        rounds = self.sample_rounds[case.name]
+        metrics.update({name: timing(list(values), ranks.rank_medians(per_rank[name]) if name in per_rank else (),
+                                     tuple(rounds[name]))
                         for name, values in self.samples[case.name].items()})
         self.results[(case.suite, case.name)] = CaseResult(
             case.suite, case.name, case.params, status, error, metrics, list(measured["notes"]),
-            sampling=self.sampling[case.name].to_dict())
+            sampling=self.sampling[case.name].to_dict(), missing=measured.get("missing", {}),
+            work=measured.get("work", {}))
 
     def _drop(self, name: str) -> None:
         worker = self.workers.pop(name, None)
         if worker is not None:
             worker.close()
+
+
+def check_identical_work(group: list[Case], results: dict[tuple[str, str], CaseResult]) -> None:
+    """The finished cases of a group must have computed on the same things (CaseResult.work): a
+    case whose digest of a shared key differs from the first case's becomes an error that names
+    the key, so no figure is derived from a comparison of unequal work."""
+    finished = [results[(c.suite, c.name)] for c in group if (c.suite, c.name) in results]
+    done = [r for r in finished if r.status == "ok" and r.work]
+    if len(done) < 2:
+        return
+    first = done[0]
+    for other in done[1:]:
+        differing = sorted(k for k in set(first.work) & set(other.work) if first.work[k] != other.work[k])
+        if differing:
+            text = "; ".join(f"{k}: {other.work[k]} here, {first.work[k]} in {first.case}" for k in differing)
+            results[(other.suite, other.case)] = dataclasses.replace(
+                other, status="error", error=f"did other work than {first.case}, so it cannot be compared: {text}")
 
 
 def follow(cases: list[Case], device: str, nodes: ranks.Nodes, hook: ProgressHook | None = None) -> list[str]:

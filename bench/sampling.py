@@ -1,7 +1,8 @@
 """How timing samples are taken: samples per round, warm-up discards, round order, CUDA cache policy.
 
-A case's workload times one call per ``timed_round()``; the runner asks each worker for a round
-of ``discarded + kept`` calls and keeps the last ``kept``. On CUDA the first call after another
+The runner asks each worker for a round: ``timed_round(kept, discarded)``, in which the workload
+times ``discarded + kept`` consecutive calls of each kind of step and keeps the last ``kept``
+(``keep_last``). On CUDA the first call after another
 case's worker ran pays for a cold L2, clocks and (when caches are emptied) cudaMalloc, so it is
 discarded; the kept calls are steady-state training steps. The order of the cases rotates from
 round to round so that no case always runs first after a pause.
@@ -9,6 +10,7 @@ round to round so that no case always runs first after a pause.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -33,6 +35,17 @@ def for_device(device: str, kept_per_round: int) -> Sampling:
     if device.startswith("cuda"):
         return Sampling(kept_per_round, discarded_per_round=1, cuda_cache="undecided")
     return Sampling(kept_per_round)
+
+
+def keep_last(timed: Callable[[], dict[str, float]], kept: int, discarded: int) -> dict[str, list[float]]:
+    """kept + discarded consecutive calls of timed (name -> seconds), the first `discarded` dropped:
+    name -> the kept samples."""
+    samples: dict[str, list[float]] = {}
+    for i in range(discarded + kept):
+        for name, value in timed().items():
+            if i >= discarded:
+                samples.setdefault(name, []).append(value)
+    return samples
 
 
 def rotated(items: list[T], round_index: int) -> list[T]:

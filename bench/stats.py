@@ -1,7 +1,16 @@
-"""Summaries of raw samples: median, IQR, bootstrap 95% intervals, and ratios between configs."""
+"""Summaries of raw samples: median, IQR, bootstrap 95% intervals, and ratios between configs.
+
+Two configs timed round by round (bench/runner.py interleaves and rotates them) are compared by
+``paired_ratio``: one ratio per round, from the two sides' samples of that round, and a
+t-interval over rounds on the log ratios. Drift between rounds then cancels instead of widening
+the interval, and the interval is as wide as the rounds' agreement says (a percentile bootstrap
+over five to seven rounds is too narrow). ``ratio_of_medians`` is for samples that were not taken
+in pairs (pytest-benchmark's, one benchmark after another).
+"""
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections.abc import Sequence
@@ -51,6 +60,24 @@ def ratio_of_medians(numerator: Sequence[float], denominator: Sequence[float], s
     point = statistics.median(numerator) / statistics.median(denominator)
     return Summary(min(len(numerator), len(denominator)), point, ratios[len(ratios) // 4],
                    ratios[(3 * len(ratios)) // 4], *_percentile_interval(ratios))
+
+
+def paired_ratio(numerator: dict[int, Sequence[float]], denominator: dict[int, Sequence[float]]) -> Summary:
+    """numerator / denominator from samples keyed by round: per shared round, the ratio of the two
+    sides' medians; the point is their geometric mean, q1/q3 the per-round ratios' quartiles, and
+    ci_* the 95% t-interval of the mean log ratio (nan with fewer than two rounds)."""
+    shared = sorted(set(numerator) & set(denominator))
+    if not shared:
+        raise ValueError("cannot pair samples that share no round")
+    logs = [math.log(statistics.median(numerator[r]) / statistics.median(denominator[r])) for r in shared]
+    mean = statistics.fmean(logs)
+    q1, _, q3 = quartiles(sorted(math.exp(v) for v in logs))
+    if len(logs) < 2:
+        return Summary(1, math.exp(mean), q1, q3, math.nan, math.nan)
+    from scipy.stats import t  # imported here: scipy's import is slow and most callers never pair
+
+    half = t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return Summary(len(logs), math.exp(mean), q1, q3, math.exp(mean - half), math.exp(mean + half))
 
 
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:

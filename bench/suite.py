@@ -38,6 +38,10 @@ class Measurement:
     notes: list[str] = field(default_factory=list)
     status: str = "ok"  # or "skipped" (with the reason in notes): then no warm-up or timing
     error: str | None = None  # a check that failed; the case is recorded as an error
+    missing: dict[str, str] = field(default_factory=dict)  # metric -> the error that kept it from being measured
+    # What the case computed on, as digests (e.g. the boxes a detector's heads pooled): the cases
+    # of one group must agree on every key they share, or the runner records them as errors.
+    work: dict[str, str] = field(default_factory=dict)
 
 
 class Workload(Protocol):
@@ -45,8 +49,10 @@ class Workload(Protocol):
 
     def warmup(self) -> None: ...
 
-    def timed_round(self) -> dict[str, float]:
-        """One sample, in seconds, of each timed quantity (e.g. train_step_time, inference_time)."""
+    def timed_round(self, kept: int, discarded: int) -> dict[str, list[float]]:
+        """One round: for each timed quantity (e.g. train_step_time, inference_time), `kept`
+        samples in seconds, taken after `discarded` untimed-for-the-record calls of the same kind
+        (bench/sampling.py's keep_last does the counting)."""
         ...
 
     # Optional, for `python -m bench profile`: kind of step ("train", "inference") -> one step,

@@ -107,7 +107,7 @@ def _run(workload, request: dict, device: str) -> dict:
         workload.warmup()
         result = {}
     elif command == "round":
-        result = {"samples": timed_calls(workload, request.get("kept", 1), request.get("discarded", 0))}
+        result = {"samples": workload.timed_round(request.get("kept", 1), request.get("discarded", 0))}
     elif command == "profile":
         result = {"profiles": profiled(workload, request, torch.device(device))}
     else:
@@ -129,16 +129,6 @@ def profiled(workload, request: dict, device: torch.device) -> dict[str, dict]:
         summary = profile_steps(steps[kind], request["steps"], device, trace, snapshot)
         out[kind] = {**summary, "trace": str(trace), "memory_snapshot": None if snapshot is None else str(snapshot)}
     return out
-
-
-def timed_calls(workload, kept: int, discarded: int) -> dict[str, list[float]]:
-    """kept + discarded calls of timed_round, the first `discarded` dropped: name -> kept samples."""
-    samples: dict[str, list[float]] = {}
-    for i in range(discarded + kept):
-        for name, value in workload.timed_round().items():
-            if i >= discarded:
-                samples.setdefault(name, []).append(value)
-    return samples
 
 
 def _apply_limits(case: Case, start: dict) -> None:

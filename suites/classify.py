@@ -17,11 +17,11 @@ from torch import nn
 
 import cbn
 from bench import flops, modes, ranks
-from bench.metrics import count
+from bench.metrics import Collected, count
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
 from suites import ratios
-from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, STEP_TIME_OVER_FLOPS, WINDOW
+from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, STEP_TIME_OVER_FLOPS, WINDOW
 from suites.workload import NoInputForward, TrainingWorkload, mode_caption, processes_caption, processes_label
 
 NAME = "classify"
@@ -35,7 +35,7 @@ class Profile:
     rounds: int
     timeout_s: float
     models: tuple[str, ...] = ("resnet18", "resnet50")  # keys of MODELS
-    norms: tuple[str, ...] = ("bn", "gn", "cbn", "naive_cbn")  # keys of NORMS
+    norms: tuple[str, ...] = ("bn", "gn", "cbn", "naive_cbn", CONTROL)  # keys of NORMS
     kept_per_round: int = 1  # training and inference samples kept per round (bench/sampling.py)
 
 
@@ -45,7 +45,8 @@ PROFILES = {
     # its bootstrap interval looked tighter than it was (results/README.md, fifth pass).
     "cpu": Profile(224, 4, warmup_steps=1, rounds=15, timeout_s=900),
     # What the CI gate runs: ResNet-18, the norms whose ratios it guards.
-    "quick": Profile(224, 4, warmup_steps=1, rounds=15, timeout_s=600, models=("resnet18",), norms=("bn", "gn", "cbn")),
+    "quick": Profile(224, 4, warmup_steps=1, rounds=15, timeout_s=600, models=("resnet18",),
+                     norms=("bn", "gn", "cbn", CONTROL)),
     "smoke": Profile(64, 2, warmup_steps=1, rounds=2, timeout_s=300, models=("resnet18",)),
 }
 MODELS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
@@ -55,6 +56,7 @@ NORMS = {
     "gn": ("gn", {}, "GN"),
     "cbn": ("cbn", {"window": WINDOW}, f"CBN k={WINDOW}"),
     "naive_cbn": ("naive_cbn", {"window": WINDOW}, f"Naive CBN k={WINDOW}"),
+    CONTROL: ("bn", {}, "BN (A/A control)"),  # BN again: its ratios to BN are the run's noise
 }
 OPTIONS = dict(modes.OPTIONS)
 COUNTS: dict[str, str] = {}  # counted in each run: a classification step is cheap to count
@@ -114,18 +116,19 @@ class ClassifyWorkload(TrainingWorkload):
         return nn.functional.cross_entropy(self.trained()(self.images), self.labels)
 
     def measure(self) -> Measurement:
+        """FLOPs, memory and structure, each metric on its own (a failing one is recorded as missing)."""
         for _ in range(WINDOW + 1):  # CBN's window is full from here on
             self.train_step()
-        found = {"train_step_flops": count(flops.counted_flops(self.train_step), "flop")}
-        with self.locally():
-            macs, skipped = flops.fvcore_forward_flops(NoInputForward(self.model, self.loss), ())
-        self.train_step()  # ends the traced iteration with an optimizer step
-        found["forward_macs"] = count(macs, "mac")
+        notes: list[str] = []
+        found = Collected()
+        found.attempt(("train_step_flops",), lambda: {"train_step_flops": count(flops.counted_flops(self.train_step), "flop")})
+        found.attempt(("forward_macs",), lambda: {"forward_macs": count(self.training_forward_macs(notes), "mac")})
         self.model.eval()
         inference = NoInputForward(self.model, lambda: self.model(self.images))
-        found["inference_forward_macs"] = count(flops.fvcore_forward_flops(inference, ())[0], "mac")
-        notes = ["fvcore skipped (no FLOPs counted): " + ", ".join(sorted(skipped))] if skipped else []
-        return Measurement({**found, **self.memory(notes), **self.structure()}, notes)
+        found.attempt(("inference_forward_macs",), lambda: {"inference_forward_macs": count(
+            flops.fvcore_forward_flops(inference, ())[0], "mac")})
+        found.attempt(("memory",), lambda: self.memory(notes))
+        return Measurement({**found.metrics, **self.structure()}, notes, missing=found.missing)
 
 
 def build(case: Case, device: str) -> ClassifyWorkload:
@@ -142,8 +145,10 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
             continue
         prefix = f"{model}."
         out += [d for norm, case in by_norm.items() if norm != "bn" for d in ratios.to_bn(NAME, prefix, norm, case, bn)]
+        if CONTROL in by_norm:
+            out += ratios.control_checks(NAME, prefix, by_norm[CONTROL], bn)
         if "cbn" in by_norm:
-            out.append(ratios.step_time_over_flops(NAME, prefix, by_norm["cbn"], bn))
+            out += ratios.step_time_over_flops(NAME, prefix, by_norm["cbn"], bn)
     return out
 
 
@@ -181,12 +186,14 @@ def _caption(run: RunResult, model: str, derived: dict[str, Derived]) -> list[st
                       "for backward, CBN history"),
         "fwd GMAC: fvcore, training-mode forward incl. CBN's statistic gradients; train-step GFLOP: torch "
         "FlopCounterMode, forward + backward + CBN's extra convolutions, 2 flops per multiply-add",
-        f"iter/s: 1 / median of {ratios.samples(cases_here)} samples from interleaved rounds "
-        f"({ratios.sampling_text(cases_here, run.device)}); ratios to BN with bootstrap 95% intervals; "
-        "random weights, synthetic images, SGD with momentum; GN: 32 groups",
+        f"iter/s: 1 / median of {ratios.samples(cases_here)} samples from {ratios.rounds(cases_here)} interleaved rounds "
+        f"({ratios.sampling_text(cases_here, run.device)}); ratios to BN paired by round (geometric mean of the "
+        "rounds' ratios, 95% t-interval); random weights, synthetic images, SGD with momentum; GN: 32 groups",
         *mode_caption(modes.Mode.of(cases_here[0].params), "the whole model"),
         *processes_caption(cases_here[0].params),
     ]
+    lines += ratios.control_caption(f"{model}.", derived, run.device)
+    lines += ratios.missing_lines(cases_here, lambda c: NORMS[c.params["norm"]][2])
     check = derived.get(f"{model}.{STEP_TIME_OVER_FLOPS}")
     if check is not None:
         target = CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import memory, report
+from bench import memory, report, sampling
 from bench.metrics import Metric, count, peak
 from bench.results import CaseResult, Derived, RunResult, write_atomic
 from bench.stats import loglog_slope, ratio_of_medians
@@ -161,7 +161,10 @@ class StatGradWorkload:
         once = time_call(self.work, self.device)
         self.calls_per_sample = max(1, math.ceil(BLOCK_S / max(once, 1e-6)))
 
-    def timed_round(self) -> dict[str, float]:
+    def timed_round(self, kept: int, discarded: int) -> dict[str, list[float]]:
+        return sampling.keep_last(self._block, kept, discarded)
+
+    def _block(self) -> dict[str, float]:
         block = time_call(lambda: [self.work() for _ in range(self.calls_per_sample)], self.device)
         return {"stat_grad_time": block / self.calls_per_sample}
 

@@ -40,6 +40,7 @@ NORMS = {  # label -> (cbn.norm_layer name, options)
     "cbn-k8": ("cbn", {"window": 8}),
     "cbn-naive-path": ("cbn", {"window": WINDOW, "grad_path": "naive"}),
     "naive-cbn": ("naive_cbn", {"window": WINDOW}),
+    "bn-control": ("bn", {}),  # BN again, the A/A control: its ratio to BN is what the ordering and noise give
 }
 REFERENCE = "bn"
 LONGEST_WINDOW = max(options.get("window", 1) for _, options in NORMS.values())

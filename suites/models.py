@@ -49,9 +49,8 @@ class DetectorSpec:
     # 0.0 keeps box_detections_per_img detections at inference even with random weights, so the
     # mask head does its real inference work (0.05, torchvision's default, leaves it nothing).
     box_score_thresh: float = 0.05
-    # Shifted copies of each ground-truth box added to the training proposals (0: plain torchvision);
-    # see ProposalsAroundObjects.
-    proposals_around_objects: int = 0
+    # The RPN's proposals replaced by a fixed set (FixedProposals), the same for every norm.
+    fixed_proposals: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -92,8 +91,8 @@ def build_detector(spec: DetectorSpec) -> nn.Module:
         model = FasterRCNN(backbone, **common)
     else:
         model = MaskRCNN(backbone, mask_head=MaskRCNNHeads(FPN_CHANNELS, [256] * 4, 1, norm_layer=make_norm), **common)
-    if spec.proposals_around_objects:
-        model.rpn = ProposalsAroundObjects(model.rpn, spec.proposals_around_objects)
+    if spec.fixed_proposals:
+        model.rpn = FixedProposals(model.rpn)
     if spec.norm in ("cbn", "naive_cbn"):
         cbn.convert(model)  # binds each CBN layer to the conv that feeds it
     return model
@@ -115,33 +114,75 @@ def _num_channels(norm: nn.Module) -> int:
     return norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.num_features
 
 
-class ProposalsAroundObjects(nn.Module):
-    """The RPN, plus shifted copies of each ground-truth box among the training proposals.
+class FixedProposals(nn.Module):
+    """The RPN, with its proposals replaced by a fixed, seeded set that does not depend on the model.
 
-    A trained RPN proposes many boxes around each object; a randomly initialized one proposes few,
-    and how few depends on the norm under test (measured at 320 px: 17 positive RoIs per step with
-    BN, 46 with GN). The RoI heads' work, and so every FLOP and time ratio between norms, would then
-    measure that accident. With these boxes (IoU 0.79 to 0.89 with their object) the sampler's
-    positive quota is always full, and every norm's heads do the same work.
+    A randomly initialized RPN proposes what its weights, and so the norm under test, make it
+    propose, and the RoI heads' work (sampled RoIs, positives for the mask head) would differ per
+    norm: every FLOP and time ratio would measure that accident. Here the RPN still runs whole (its
+    head, anchor decoding, top-k and NMS, and in training its losses), so its cost is measured, but
+    the boxes it hands the RoI heads are fixed by ``fix()``: in training exactly as many positives
+    and negatives as the sampler's quotas take (so it takes them all, whatever its random draw), at
+    inference a fixed set of boxes of the test-time proposal count.
     """
 
-    SHIFTS = ((0.06, 0.0), (-0.06, 0.0), (0.0, 0.06), (0.0, -0.06), (0.06, 0.06), (-0.06, -0.06))
-
-    def __init__(self, rpn: nn.Module, copies: int) -> None:
+    def __init__(self, rpn: nn.Module) -> None:
         super().__init__()
-        if not 1 <= copies <= len(self.SHIFTS):
-            raise ValueError(f"proposals_around_objects must be between 1 and {len(self.SHIFTS)}, got {copies}")
         self.rpn = rpn
-        self.copies = copies
+        self.image_sizes: list[tuple[int, int]] | None = None
+        self.training_boxes: list[torch.Tensor] = []
+        self.inference_boxes: list[torch.Tensor] = []
+
+    def fix(self, gt_boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]], sampled_per_image: int,
+            positive_fraction: float, inference_per_image: int, seed: int = 0) -> None:
+        """The proposals for a batch with these (transformed) ground-truth boxes and image sizes."""
+        gen = torch.Generator().manual_seed(seed)
+        self.image_sizes = [tuple(s) for s in image_sizes]
+        self.training_boxes = [quota_filling_proposals(gt, size, sampled_per_image, positive_fraction, gen)
+                               for gt, size in zip(gt_boxes, self.image_sizes)]
+        self.inference_boxes = [random_boxes(inference_per_image, size, gen).to(gt.device)
+                                for gt, size in zip(gt_boxes, self.image_sizes)]
 
     def forward(self, images, features, targets=None):
-        boxes, losses = self.rpn(images, features, targets)
-        if self.training and targets is not None:
-            boxes = [torch.cat([b, self._around(t["boxes"], size)])
-                     for b, t, size in zip(boxes, targets, images.image_sizes)]
-        return boxes, losses
+        _, losses = self.rpn(images, features, targets)
+        if self.image_sizes is None:
+            raise RuntimeError("FixedProposals: call fix() with the batch's boxes before the first forward")
+        if [tuple(s) for s in images.image_sizes] != self.image_sizes:
+            raise ValueError(f"FixedProposals: fixed for images of sizes {self.image_sizes}, "
+                             f"got {list(images.image_sizes)}; call fix() for this batch")
+        return list(self.training_boxes if self.training else self.inference_boxes), losses
 
-    def _around(self, gt: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        wh = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
-        shifted = [gt + wh * gt.new_tensor([dx, dy, dx, dy]) for dx, dy in self.SHIFTS[: self.copies]]
-        return box_ops.clip_boxes_to_image(torch.cat(shifted), image_size).detach()
+
+def quota_filling_proposals(gt: torch.Tensor, image_size: tuple[int, int], sampled: int, positive_fraction: float,
+                            gen: torch.Generator) -> torch.Tensor:
+    """Proposals that, with the ground truths torchvision adds to them, fill the RoI sampler's
+    quotas exactly: int(sampled * positive_fraction) positives (IoU >= 0.5 with an object) and the
+    rest negatives (IoU < 0.5 with every object)."""
+    positives = int(sampled * positive_fraction)
+    shifted_needed = positives - len(gt)
+    if shifted_needed < 0:
+        raise ValueError(f"{sampled} sampled RoIs per image leave {positives} positives, fewer than the {len(gt)} "
+                         "ground-truth boxes torchvision adds as proposals; raise sampled_rois_per_image")
+    cpu_gt = gt.detach().float().cpu()
+    wh = (cpu_gt[:, 2:] - cpu_gt[:, :2]).repeat(1, 2)
+    which = torch.arange(shifted_needed) % len(gt)
+    jitter = (torch.rand(shifted_needed, 4, generator=gen) - 0.5) * 0.1  # up to 5% of the box's side
+    shifted = box_ops.clip_boxes_to_image(cpu_gt[which] + wh[which] * jitter, image_size)
+    pool = random_boxes(40 * (sampled - positives) + 100, image_size, gen, largest=0.3)
+    negatives = pool[box_ops.box_iou(pool, cpu_gt).max(dim=1).values < 0.3][: sampled - positives]
+    if len(negatives) < sampled - positives:
+        raise ValueError(f"found only {len(negatives)} of {sampled - positives} background proposals away from "
+                         f"{len(gt)} objects in an image of {image_size}; use fewer objects or larger images")
+    if len(shifted) and box_ops.box_iou(shifted, cpu_gt).max(dim=1).values.min() < 0.5:
+        raise AssertionError("a shifted ground-truth box fell below IoU 0.5 with its object")
+    return torch.cat([shifted, negatives]).to(gt.device)
+
+
+def random_boxes(count: int, image_size: tuple[int, int], gen: torch.Generator, smallest: float = 0.02,
+                 largest: float = 0.5) -> torch.Tensor:
+    """count boxes inside an image of (height, width), each side a uniform share of the image's."""
+    height, width = image_size
+    side = torch.tensor([width, height], dtype=torch.float32)
+    size = (torch.rand(count, 2, generator=gen) * (largest - smallest) + smallest) * side
+    corner = torch.rand(count, 2, generator=gen) * (side - size)
+    return torch.cat([corner, corner + size], dim=1)

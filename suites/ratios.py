@@ -1,63 +1,129 @@
-"""Each norm against BN, as table6 and classify report it: the derived ratios, the table cells and
-the step-time over FLOP check, one definition for both suites.
+"""Each norm against BN, as table6 and classify report it: the derived ratios, the table cells, the
+A/A control's check and the step-time over FLOP check, one definition for both suites.
 
 Derived names are ``<prefix><norm>/bn <what> ratio``; table6 uses no prefix, classify the model's
-name and a dot (``resnet18.cbn/bn train iter/s ratio``).
+name and a dot (``resnet18.cbn/bn train iter/s ratio``). Timed ratios are paired by round
+(bench/stats.py's paired_ratio): both cases were timed in every round, interleaved.
+
+The A/A control is a second BN case, built and trained exactly as BN: its ratios to BN measure
+nothing but the run's noise. Its figure ``<prefix>bn_control/bn <what> interval deviation`` is
+the farthest its 95% interval reaches from 1; a run whose control strays past the margin of
+suites/constants.py (CONTROL_MARGIN) says so, and the gate fails it.
 """
 
 from __future__ import annotations
 
+import math
+
 from bench import report
 from bench.metrics import Metric
 from bench.results import CaseResult, Derived
-from bench.stats import ratio_of_medians
-from suites.constants import STEP_TIME_OVER_FLOPS
+from bench.stats import Summary, paired_ratio
+from suites.constants import CONTROL, CONTROL_MARGIN, STEP_TIME_OVER_FLOPS
 
 TIMED = (("train_step_time", "train iter/s"), ("inference_time", "inference iter/s"))
+COUNTED = ("forward_macs", "train_step_flops")
 
 
-def memory_metric(case: CaseResult) -> Metric:
-    """What the memory column shows: the allocator peak on CUDA, the counted bytes on CPU."""
+def memory_metric(case: CaseResult) -> Metric | None:
+    """What the memory column shows: the allocator peak on CUDA, the counted bytes on CPU (None: missing)."""
     m = case.metrics
-    return m["peak_allocated_bytes"] if "peak_allocated_bytes" in m else m["counted_total_bytes"]
+    return m.get("peak_allocated_bytes", m.get("counted_total_bytes"))
+
+
+def paired(numerator: CaseResult, denominator: CaseResult, metric: str) -> Summary:
+    """numerator's metric over denominator's, paired by the round each sample was taken in."""
+    def rounds(case: CaseResult) -> dict[int, list[float]]:
+        return case.metrics[metric].by_round(case.sampling.get("kept_per_round", 1))
+
+    return paired_ratio(rounds(numerator), rounds(denominator))
 
 
 def to_bn(suite: str, prefix: str, name: str, case: CaseResult, bn: CaseResult) -> list[Derived]:
-    """Memory, MAC, FLOP and iter/s ratios of one norm's case to BN's (iter/s with bootstrap CIs)."""
+    """Memory, MAC, FLOP and iter/s ratios of one norm's case to BN's (iter/s with paired 95%
+    intervals); a figure whose metric is missing on either side is left out."""
+    out = []
     mem, mem_bn = memory_metric(case), memory_metric(bn)
-    out = [Derived(suite, f"{prefix}{name}/bn memory ratio", mem.value / mem_bn.value, kind=mem.kind)]
-    for metric in ("forward_macs", "train_step_flops"):
-        out.append(Derived(suite, f"{prefix}{name}/bn {metric} ratio", case.metrics[metric].value / bn.metrics[metric].value))
+    if mem is not None and mem_bn is not None:
+        out.append(Derived(suite, f"{prefix}{name}/bn memory ratio", mem.value / mem_bn.value, kind=mem.kind))
+    for metric in COUNTED:
+        if metric in case.metrics and metric in bn.metrics:
+            out.append(Derived(suite, f"{prefix}{name}/bn {metric} ratio",
+                               case.metrics[metric].value / bn.metrics[metric].value))
     for timed, label in TIMED:
-        r = ratio_of_medians(bn.metrics[timed].samples, case.metrics[timed].samples)  # iter/s ratio = BN time / norm time
-        out.append(Derived(suite, f"{prefix}{name}/bn {label} ratio", r.median, r.ci_low, r.ci_high, kind="timing"))
+        if timed in case.metrics and timed in bn.metrics:
+            r = paired(bn, case, timed)  # iter/s ratio = BN time / norm time
+            out.append(Derived(suite, f"{prefix}{name}/bn {label} ratio", r.median, r.ci_low, r.ci_high, kind="timing",
+                               note=f"paired over {r.n} rounds"))
     return out
 
 
-def step_time_over_flops(suite: str, prefix: str, cbn: CaseResult, bn: CaseResult) -> Derived:
+def control_checks(suite: str, prefix: str, control: CaseResult, bn: CaseResult) -> list[Derived]:
+    """How far the A/A pair's 95% intervals reach from 1, per timed figure (nan with one round)."""
+    out = []
+    for timed, label in TIMED:
+        if timed in control.metrics and timed in bn.metrics:
+            r = paired(bn, control, timed)
+            out.append(Derived(suite, f"{prefix}{CONTROL}/bn {label} interval deviation",
+                               max(abs(r.ci_low - 1), abs(r.ci_high - 1)), kind="timing",
+                               note=f"A/A: BN against a second BN, paired over {r.n} rounds"))
+    return out
+
+
+def control_caption(prefix: str, derived: dict[str, Derived], device: str) -> list[str]:
+    """The A/A control's verdict, one line per timed figure."""
+    margin = CONTROL_MARGIN["cpu" if device == "cpu" else "cuda"]
+    lines = []
+    for _, label in TIMED:
+        check = derived.get(f"{prefix}{CONTROL}/bn {label} interval deviation")
+        ratio = derived.get(f"{prefix}{CONTROL}/bn {label} ratio")
+        if check is None or ratio is None:
+            continue
+        within = not math.isnan(check.value) and check.value <= margin
+        verdict = ("within" if within else "OUTSIDE") + f" the +-{100 * margin:.0f}% margin on {device}"
+        tail = "" if within else ": this run's noise is too large for its ratios to mean anything"
+        lines.append(f"A/A control, {label}: BN/BN = {report.fmt_ratio(ratio.value, ratio.ci_low, ratio.ci_high)}, "
+                     f"{verdict}{tail}")
+    return lines
+
+
+def step_time_over_flops(suite: str, prefix: str, cbn: CaseResult, bn: CaseResult) -> list[Derived]:
     """CBN's time ratio to BN over its training-FLOP ratio: 1 when its extra time is its extra FLOPs.
-    With the time ratio's bootstrap 95% interval (the FLOP ratio is exact)."""
-    time_ratio = ratio_of_medians(cbn.metrics["train_step_time"].samples, bn.metrics["train_step_time"].samples)
+    With the time ratio's paired 95% interval (the FLOP ratio is exact); none when a figure is missing."""
+    needed = ("train_step_time", "train_step_flops")
+    if not all(n in cbn.metrics and n in bn.metrics for n in needed):
+        return []
+    time_ratio = paired(cbn, bn, "train_step_time")
     flop_ratio = cbn.metrics["train_step_flops"].value / bn.metrics["train_step_flops"].value
-    return Derived(suite, prefix + STEP_TIME_OVER_FLOPS, time_ratio.median / flop_ratio, time_ratio.ci_low / flop_ratio,
-                   time_ratio.ci_high / flop_ratio, kind="timing")
+    return [Derived(suite, prefix + STEP_TIME_OVER_FLOPS, time_ratio.median / flop_ratio, time_ratio.ci_low / flop_ratio,
+                    time_ratio.ci_high / flop_ratio, kind="timing")]
 
 
 def cells(case: CaseResult, name: str, prefix: str, derived: dict[str, Derived]) -> list[str]:
-    """memory, fwd GMAC, train-step GFLOP, train iter/s and infer iter/s, each with its ratio to BN."""
+    """memory, fwd GMAC, train-step GFLOP, train iter/s and infer iter/s, each with its ratio to BN
+    ("missing" where the metric could not be measured; CaseResult.missing says why)."""
     m = case.metrics
 
     def ratio(metric: str) -> str:
         d = derived.get(f"{prefix}{name}/bn {metric} ratio")
         return "1" if name == "bn" else ("-" if d is None else report.fmt_ratio(d.value, d.ci_low, d.ci_high))
 
+    def cell(metric: str, text) -> str:
+        return f"{text()} ({ratio(metric)})" if metric in m else "missing"
+
+    memory = memory_metric(case)
     return [
-        f"{report.fmt_bytes(memory_metric(case).value)} ({ratio('memory')})",
-        f"{report.fmt(m['forward_macs'].value / 1e9, 4)} ({ratio('forward_macs')})",
-        f"{report.fmt(m['train_step_flops'].value / 1e9, 4)} ({ratio('train_step_flops')})",
+        "missing" if memory is None else f"{report.fmt_bytes(memory.value)} ({ratio('memory')})",
+        cell("forward_macs", lambda: report.fmt(m["forward_macs"].value / 1e9, 4)),
+        cell("train_step_flops", lambda: report.fmt(m["train_step_flops"].value / 1e9, 4)),
         f"{report.fmt(1 / m['train_step_time'].value)} ({ratio('train iter/s')})",
         f"{report.fmt(1 / m['inference_time'].value)} ({ratio('inference iter/s')})",
     ]
+
+
+def missing_lines(cases: list[CaseResult], label) -> list[str]:
+    """Caption lines naming each metric a case could not measure, and why."""
+    return [f"{label(c)}: {metric} missing ({why})" for c in cases for metric, why in c.missing.items()]
 
 
 def failed_cells(case: CaseResult) -> list[str]:
@@ -82,9 +148,15 @@ def sampling_text(cases: list[CaseResult], device: str) -> str:
     how = next((c.sampling for c in cases if c.sampling), {})
     if not how:
         return "sampling not recorded"
-    text = f"{how['kept_per_round']} kept per round after {how['discarded_per_round']} discarded, order {how['order']}"
+    text = (f"each round a block of {how['discarded_per_round']} discarded + {how['kept_per_round']} kept training "
+            f"steps, then a block of as many inference calls; order {how['order']}")
     return text + (f"; CUDA caches {how['cuda_cache']}" if device.startswith("cuda") else "")
 
 
 def samples(cases: list[CaseResult]) -> int:
     return max((len(c.metrics["train_step_time"].samples) for c in cases if "train_step_time" in c.metrics), default=0)
+
+
+def rounds(cases: list[CaseResult]) -> int:
+    return max((len(set(c.metrics["train_step_time"].by_round(c.sampling.get("kept_per_round", 1))))
+                for c in cases if "train_step_time" in c.metrics), default=0)

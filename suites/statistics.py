@@ -183,7 +183,7 @@ class StatisticsWorkload:
     def warmup(self) -> None:
         pass  # nothing is timed
 
-    def timed_round(self) -> dict[str, float]:
+    def timed_round(self, kept: int, discarded: int) -> dict[str, list[float]]:
         return {}
 
 

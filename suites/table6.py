@@ -1,23 +1,38 @@
 """Table 6 of the CBN paper, reproduced and extended: memory, FLOPs, training and inference speed of
-each norm in a detection model, with ratios to BN and the paper's ratios beside them."""
+each norm in a detection model, with ratios to BN and the paper's ratios beside them.
+
+Every norm does the same work, by construction and checked. The RPN runs whole, but the boxes it
+hands the RoI heads are a fixed, seeded set (suites/models.py, FixedProposals): in training exactly
+the sampler's quotas of positives and negatives, at inference a fixed set of proposals for the box
+head and a fixed set of detections (boxes and labels) for the mask head. Timed inference is the
+network's forward as the paper times it: transform, backbone with FPN, the RPN (its head, decoding,
+top-k and NMS, which do depend on its scores), box head and predictor, mask head and predictor;
+post-processing (box decoding, per-class NMS, mask pasting) is not timed. Each case records digests
+of the boxes its heads pooled in one training step and one inference call (``work``), and the runner
+fails the cases whose digests differ from the first case's.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models.detection.roi_heads import maskrcnn_inference
 
 from bench import counts, flops, modes, ranks
-from bench.metrics import count
+from bench.metrics import Collected, count
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
 from suites import ratios
-from suites.constants import STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
+from suites.constants import CONTROL, STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
 from suites.data import synthetic_batch
-from suites.models import DetectorSpec, ProposalsAroundObjects, build_detector
+from suites.models import DetectorSpec, build_detector
 from suites.workload import NoInputForward, TrainingWorkload, mode_caption, processes_caption, processes_label
 
 NAME = "table6"
@@ -33,17 +48,21 @@ class Profile:
     warmup_steps: int
     rounds: int
     timeout_s: float
-    norms: tuple[str, ...] = ("bn", "gn", "syncbn", "cbn", "naive_cbn", "none")  # keys of NORMS
+    norms: tuple[str, ...] = ("bn", "gn", "syncbn", "cbn", "naive_cbn", "none", CONTROL)  # keys of NORMS
     kept_per_round: int = 1  # training and inference samples kept per round (bench/sampling.py)
 
 
 PROFILES = {
-    # 6 norms x 6 rounds x (1 discarded + 2 kept) steps: about 5 minutes on one H100 (tools/gpu_run.py)
-    "paper": Profile(800, 1333, 4, 512, 2000, warmup_steps=5, rounds=6, timeout_s=420, kept_per_round=2),
-    "cpu": Profile(320, 320, 2, 128, 300, warmup_steps=1, rounds=5, timeout_s=900),
-    # What the CI gate runs: the norms whose ratios it guards, at a size that takes ~2 minutes on 2 cores.
-    "quick": Profile(256, 256, 1, 64, 200, warmup_steps=1, rounds=7, timeout_s=600, norms=("bn", "gn", "cbn")),
-    "smoke": Profile(96, 96, 1, 16, 50, warmup_steps=1, rounds=2, timeout_s=300),
+    # 7 norms x 10 rounds x 2 blocks of (1 discarded + 2 kept) calls: planned by tools/gpu_run.py to
+    # fit its first command (at most 5 minutes) on one H200; 10 rounds for a t-interval of 9 degrees
+    # of freedom.
+    "paper": Profile(800, 1333, 4, 512, 2000, warmup_steps=5, rounds=10, timeout_s=420, kept_per_round=2),
+    "cpu": Profile(320, 320, 2, 128, 300, warmup_steps=1, rounds=7, timeout_s=900),
+    # What the CI gate runs: the norms whose ratios it guards and the A/A control, at a size that
+    # takes about 3 minutes on 2 cores.
+    "quick": Profile(256, 256, 1, 64, 200, warmup_steps=1, rounds=7, timeout_s=600, norms=("bn", "gn", "cbn", CONTROL)),
+    # 32 RoIs per image: a positive quota of 8 holds the 7 objects torchvision adds as proposals.
+    "smoke": Profile(96, 96, 1, 32, 50, warmup_steps=1, rounds=2, timeout_s=300),
 }
 
 # The profiles while results files stored only a profile's name (up to commit 697dbca); do not edit.
@@ -62,6 +81,7 @@ NORMS = {
     "cbn": ("cbn", {"window": WINDOW}, f"CBN k={WINDOW}"),
     "naive_cbn": ("naive_cbn", {"window": WINDOW}, f"Naive CBN k={WINDOW}"),
     "none": ("none", {}, "- (no norm)"),
+    CONTROL: ("bn", {}, "BN (A/A control)"),  # BN again: its ratios to BN are the run's noise
 }
 PAPER_RATIOS = {"gn": (1.00, 1.023, 0.92, 0.60), "cbn": (1.07, 1.127, 0.77, 1.00)}
 OPTIONS = {"arch": ("mask_rcnn", "faster_rcnn"), "depth": ("50", "101"), "placement": ("heads", "all"), **modes.OPTIONS}
@@ -69,6 +89,7 @@ BASE_LR = 0.02
 SYNCBN_ON_CPU = ("not measured: torch's SyncBatchNorm synchronizes CUDA (or XPU) tensors only and refuses CPU ones; "
                  "BN, GN and CBN run across the processes")
 COUNTS = {"train_step_flops": "flop", "forward_macs": "mac", "inference_forward_macs": "mac"}  # device-independent
+POSITIVE_FRACTION = 0.25  # torchvision's box_positive_fraction: the sampler's positive quota
 
 
 def default_profile(device: str) -> str:
@@ -115,13 +136,14 @@ class DetectionWorkload(TrainingWorkload):
         spec = DetectorSpec(
             arch=params["arch"], depth=int(params["depth"]), norm=params["norm"], norm_options=params["norm_options"],
             placement=params["placement"], min_size_px=min(p.height_px, p.width_px), max_size_px=max(p.height_px, p.width_px),
-            sampled_rois_per_image=p.sampled_rois_per_image, proposals_per_image=p.proposals_per_image, box_score_thresh=0.0,
-            proposals_around_objects=len(ProposalsAroundObjects.SHIFTS),
+            sampled_rois_per_image=p.sampled_rois_per_image, proposals_per_image=p.proposals_per_image,
+            fixed_proposals=True,
         )
         torch.manual_seed(0)
         self.model = build_detector(spec).to(self.device)
         self.images, self.targets = synthetic_batch(p.images_per_device, p.height_px, p.width_px, seed=ranks.rank(),
                                                     device=self.device)  # each rank its own images
+        self.fix_heads_work(spec)
         self.distribute()
         trainable = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = torch.optim.SGD(trainable, lr=BASE_LR, momentum=0.9, weight_decay=1e-4)
@@ -131,9 +153,57 @@ class DetectionWorkload(TrainingWorkload):
         # steps stay in it, so random-weight training does not diverge.
         self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=0.001, total_iters=1000)
 
+    def fix_heads_work(self, spec: DetectorSpec) -> None:
+        """The boxes every norm's RoI heads will pool: proposals filling the sampler's quotas in
+        training, a fixed set at inference, and fixed detections for the inference mask head, all
+        in the coordinates of the model's transform (seeded, independent of the model's weights)."""
+        with torch.no_grad():
+            image_list, transformed = self.model.transform(self.images, self.targets)
+        sizes = [tuple(s) for s in image_list.image_sizes]
+        heads = self.model.roi_heads
+        test_proposals = self.model.rpn.rpn._post_nms_top_n["testing"]  # what torchvision's RPN keeps at inference
+        self.model.rpn.fix([t["boxes"] for t in transformed], sizes, spec.sampled_rois_per_image, POSITIVE_FRACTION,
+                           test_proposals, seed=1)
+        gen = torch.Generator().manual_seed(2)
+        self.detections = [b[: heads.detections_per_img] for b in self.model.rpn.inference_boxes]
+        self.detection_labels = [torch.randint(1, spec.num_classes, (len(b),), generator=gen).to(self.device)
+                                 for b in self.detections]
+
     def loss(self) -> torch.Tensor:
         self.model.train()
         return sum(self.trained()(self.images, self.targets).values())
+
+    def inference(self) -> None:
+        self.model.eval()
+        with torch.no_grad(), self.mode.autocast(self.device):
+            self.network_forward()
+
+    def network_forward(self) -> list[torch.Tensor]:
+        """The paper's inference, post-processing left out: GeneralizedRCNN.forward up to the box
+        and mask predictors, the mask head on the fixed detections (what RoIHeads does in eval mode
+        after its postprocess_detections)."""
+        m = self.model
+        images, _ = m.transform(self.images)
+        features = m.backbone(images.tensors)
+        proposals, _ = m.rpn(images, features)
+        heads = m.roi_heads
+        box_features = heads.box_head(heads.box_roi_pool(features, proposals, images.image_sizes))
+        out = list(heads.box_predictor(box_features))
+        if heads.has_mask():
+            mask_features = heads.mask_head(heads.mask_roi_pool(features, self.detections, images.image_sizes))
+            out += maskrcnn_inference(heads.mask_predictor(mask_features), self.detection_labels)
+        return out
+
+    def heads_work(self) -> dict[str, str]:
+        """Digests of the boxes the RoI heads pooled in one training step and one inference call."""
+        work = {}
+        with pooled_boxes(self.model.roi_heads) as seen:
+            self.train_step()
+        work.update({f"train {name} RoIs": digest(boxes) for name, boxes in seen.items()})
+        with pooled_boxes(self.model.roi_heads) as seen:
+            self.inference()
+        work.update({f"inference {name} RoIs": digest(boxes) for name, boxes in seen.items()})
+        return work
 
     def after_optimizer_step(self) -> None:
         self.scheduler.step()
@@ -148,51 +218,56 @@ class DetectionWorkload(TrainingWorkload):
         self.known_counts = entry
 
     def measure(self) -> Measurement:
+        """Work digests, FLOPs, memory and structure, each metric on its own: one that fails is
+        recorded as missing with its error, and the case keeps the rest and is still timed."""
         if self.skipped:
             return Measurement({}, [self.skipped], status="skipped")
         for _ in range(WINDOW + 1):  # CBN's window is full from here on
             self.train_step()
         notes: list[str] = []
+        work = self.heads_work()
+        found = Collected()
         if self.known_counts is not None:
-            found = {name: self.known_counts["metrics"][name] for name in COUNTS}
+            found.metrics.update({name: count(self.known_counts["metrics"][name], unit) for name, unit in COUNTS.items()})
             notes.append(counts.note(self.known_counts))
-            torch.manual_seed(1)
-            memory_metrics = self.memory(notes)
         else:
-            found = {}
-            torch.manual_seed(1)  # RoI sampling draws random numbers: fixed, so counts repeat exactly
-            found["train_step_flops"] = flops.counted_flops(self.train_step)
-            torch.manual_seed(1)
-            with self.locally():
-                found["forward_macs"], skipped = flops.fvcore_forward_flops(NoInputForward(self.model, self.loss), ())
-            self.train_step()  # ends the traced iteration with an optimizer step
-            torch.manual_seed(1)
-            memory_metrics = self.memory(notes)
+            found.attempt(("train_step_flops",), lambda: {"train_step_flops": count(flops.counted_flops(self.train_step), "flop")})
+            found.attempt(("forward_macs",), lambda: {"forward_macs": count(self.training_forward_macs(notes), "mac")})
+        found.attempt(("memory",), lambda: self.memory(notes))
+        if self.known_counts is None:
             self.model.eval()
-            found["inference_forward_macs"], _ = flops.fvcore_forward_flops(_InferenceForward(self), ())
-            if skipped:
-                notes.append("fvcore skipped (no FLOPs counted): " + ", ".join(sorted(skipped)))
-        metrics = {name: count(value, COUNTS[name]) for name, value in found.items()}
-        return Measurement({**metrics, **memory_metrics, **self.structure()}, notes)
+            found.attempt(("inference_forward_macs",), lambda: {"inference_forward_macs": count(
+                flops.fvcore_forward_flops(NoInputForward(self.model, self.network_forward), ())[0], "mac")})
+        return Measurement({**found.metrics, **self.structure()}, notes, missing=found.missing, work=work)
 
 
-class _InferenceForward(nn.Module):
-    def __init__(self, workload: DetectionWorkload) -> None:
-        super().__init__()
-        self.model = workload.model
-        self._images = workload.images
+@contextlib.contextmanager
+def pooled_boxes(roi_heads: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """The boxes given to the box and mask RoI pools while the block runs: "box"/"mask" -> per image."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    pools = {"box": roi_heads.box_roi_pool, "mask": getattr(roi_heads, "mask_roi_pool", None)}
 
-    def forward(self) -> list[torch.Tensor]:
-        # GeneralizedRCNN.forward without transform.postprocess, on every device: torchvision's
-        # traced mask pasting mixes CPU and CUDA tensors and fails on CUDA, and counts must not
-        # depend on the device (they are stored and reused, bench/counts.py). Pasting masks into
-        # the image is resampling, not the model's multiply-adds.
-        m = self.model
-        images, _ = m.transform(self._images)
-        features = m.backbone(images.tensors)
-        proposals, _ = m.rpn(images, features)
-        detections, _ = m.roi_heads(features, proposals, images.image_sizes)
-        return [d["boxes"] for d in detections]
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:  # returns None: the pool's arguments stay as given
+            seen.setdefault(name, list(args[1]))
+        return record
+
+    handles = [pool.register_forward_pre_hook(hook(name)) for name, pool in pools.items() if pool is not None]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def digest(tensors: list[torch.Tensor]) -> str:
+    """A short digest of the tensors' shapes and exact values."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().float().cpu().contiguous()
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def build(case: Case, device: str) -> DetectionWorkload:
@@ -206,8 +281,10 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
     if bn is None:
         return []
     out = [d for name, case in by_name.items() if name != "bn" for d in ratios.to_bn(NAME, "", name, case, bn)]
+    if CONTROL in by_name:
+        out += ratios.control_checks(NAME, "", by_name[CONTROL], bn)
     if "cbn" in by_name:
-        out.append(ratios.step_time_over_flops(NAME, "", by_name["cbn"], bn))
+        out += ratios.step_time_over_flops(NAME, "", by_name["cbn"], bn)
     return out
 
 
@@ -249,20 +326,36 @@ def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
                       "backward, CBN history (peak RSS in the JSON)"),
         "fwd GMAC: fvcore, training-mode forward incl. CBN's cbn::conv_weight_grad, 1 multiply-add = 1 flop; "
         "train-step GFLOP: torch FlopCounterMode, forward + backward, 2 flops per multiply-add",
-        f"iter/s: 1 / median of {ratios.samples(cases_here)} samples from interleaved rounds "
-        f"({ratios.sampling_text(cases_here, run.device)}); "
-        "ratios to BN with bootstrap 95% intervals; the paper's ratios are from its Table 6 (V100, 1333x800, 4 img/GPU)",
+        f"iter/s: 1 / median of {ratios.samples(cases_here)} samples from {ratios.rounds(cases_here)} interleaved rounds "
+        f"({ratios.sampling_text(cases_here, run.device)}); ratios to BN paired by round (geometric mean of the "
+        "rounds' ratios, 95% t-interval); the paper's ratios are from its Table 6 (V100, 1333x800, 4 img/GPU)",
+        "same work for every norm: the RoI heads pool fixed, seeded boxes (training: proposals filling the sampler's "
+        "quotas; inference: fixed proposals and detections), " + _work_text(cases_here),
+        "inference: the network's forward (transform, backbone+FPN, RPN with its top-k and NMS, box and mask heads "
+        "on fixed boxes) in a block of consecutive calls on frozen weights; post-processing (box decoding, per-class "
+        "NMS, mask pasting) not timed",
         "GN: 32 groups; CBN: efficient statistic-gradient path; -: frozen BN backbone and no norm in FPN and heads",
         _syncbn_caption(cases_here[0].params, run.device),
         *processes_caption(cases_here[0].params),
         *mode_caption(modes.Mode.of(cases_here[0].params), "the conv stacks (backbone with FPN, box head, mask head); "
                       "the RPN and the RoI heads' sampling run eagerly"),
     ]
+    lines += ratios.control_caption("", derived, run.device)
+    lines += ratios.missing_lines(cases_here, lambda c: NORMS[c.case][2])
     check = derived.get(STEP_TIME_OVER_FLOPS)
     if check is not None:
         lines.append(ratios.verdict(check, STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"],
                                     run.device))
     return lines
+
+
+def _work_text(cases: list[CaseResult]) -> str:
+    digests = {tuple(sorted(c.work.items())) for c in cases if c.status == "ok" and c.work}
+    if not digests:
+        return "not recorded in this file"
+    if len(digests) == 1:
+        return "digests of the pooled boxes equal for every case: " + ", ".join(f"{k} {v}" for k, v in next(iter(digests)))
+    return "digests of the pooled boxes DIFFER between cases (see each case's work in the JSON)"
 
 
 def _syncbn_caption(params: dict, device: str) -> str:

@@ -1,5 +1,7 @@
 """What table6's and classify's workloads share: a model trained by SGD steps, measured for memory
-and structure, warmed up, and timed round by round (train step and inference), in its worker.
+and structure, warmed up, and timed round by round, in its worker. A round is a block of
+consecutive training steps, then a block of consecutive inference calls on the weights those steps
+left (frozen for the block, as in evaluation), each block with the same discarded and kept calls.
 
 A subclass sets ``model``, ``optimizer``, ``device``, ``profile`` (with ``warmup_steps``),
 ``images`` (what inference feeds the model) and ``mode`` (bench/modes.py), defines ``loss()`` (its
@@ -19,7 +21,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from bench import memory, ranks
+from bench import flops, memory, ranks
+from bench.sampling import keep_last
 from bench.modes import Mode, optimizer_step
 from bench.metrics import Metric, count, peak
 from bench.timing import synchronize, time_call
@@ -123,6 +126,18 @@ class TrainingWorkload:
         return {**{name: count(value, "byte") for name, value in counted.items()},
                 "peak_rss_bytes": peak(memory.peak_rss_bytes())}
 
+    def training_forward_macs(self, notes: list[str]) -> float:
+        """fvcore's multiply-adds of one training forward (the model alone, without DDP); what it
+        could not count is added to notes."""
+        try:
+            with self.locally():
+                macs, skipped = flops.fvcore_forward_flops(NoInputForward(self.model, self.loss), ())
+        finally:
+            self.train_step()  # ends the traced iteration with an optimizer step, traced or not
+        if skipped:
+            notes.append("fvcore skipped (no FLOPs counted): " + ", ".join(sorted(skipped)))
+        return macs
+
     def warmup(self) -> None:
         self.compile_now()
         for _ in range(max(self.profile.warmup_steps, WINDOW + 1 - self.steps_done)):  # and CBN's window full
@@ -138,12 +153,13 @@ class TrainingWorkload:
     def profiled_steps(self) -> dict[str, Callable[[], None]]:
         return {"train": self.train_step, "inference": self.inference}
 
-    def timed_round(self) -> dict[str, float]:
-        train_step_time = time_call(self.train_step, self.device)
-        # Leave training outside the timed call: CBN reads its device-side count of non-finite
+    def timed_round(self, kept: int, discarded: int) -> dict[str, list[float]]:
+        train = keep_last(lambda: {"train_step_time": time_call(self.train_step, self.device)}, kept, discarded)
+        # Leave training outside the timed calls: CBN reads its device-side count of non-finite
         # batches there (one host sync per layer), which no inference pays in a real loop.
         self.model.eval()
-        return {"train_step_time": train_step_time, "inference_time": time_call(self.inference, self.device)}
+        inference = keep_last(lambda: {"inference_time": time_call(self.inference, self.device)}, kept, discarded)
+        return {**train, **inference}
 
 
 class NoInputForward(nn.Module):

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import ranks
-from bench.metrics import count, peak
+from bench import ranks, sampling
+from bench.metrics import Collected, count, peak
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table
 
@@ -57,12 +57,21 @@ class Workload:
             return Measurement({}, ["not applicable here"], status="skipped")
         if behaviour == "check_fails":
             return Measurement({"difference": count(1.0, "1")}, error="paths disagree")
-        return Measurement({"answer_flops": count(42.0, "flop")}, ["measured"])
+        if behaviour == "metric_fails":  # one metric raises; the rest, and the timing, are kept
+            found = Collected()
+            found.attempt(("answer_flops",), lambda: {"answer_flops": count(42.0, "flop")})
+            found.attempt(("traced_macs",), lambda: 1 / 0)
+            return Measurement(found.metrics, ["measured"], missing=found.missing, work={"inputs": "same"})
+        work = {"inputs": self.params.get("work", "same")}
+        return Measurement({"answer_flops": count(42.0, "flop")}, ["measured"], work=work)
 
     def warmup(self) -> None:
         pass
 
-    def timed_round(self) -> dict[str, float]:
+    def timed_round(self, kept: int, discarded: int) -> dict[str, list[float]]:
+        return sampling.keep_last(self._call, kept, discarded)
+
+    def _call(self) -> dict[str, float]:
         with self.log.open("a") as f:
             f.write(self.params["label"] + "\n")
         if self.params.get("behaviour") == "hang" or (self.params.get("behaviour") == "hang_rank1" and ranks.rank() == 1):

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import cbn
+
+# Tests parametrized over these run on CUDA wherever a device is present (tools/gpu-run's first step
+# runs them: pytest -k cuda) and are skipped with the reason elsewhere.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here; tools/gpu-run runs these on a GPU"))]
 
 
 def conv_cbn_net(window: int = 4, burn_in: int = 0, grad_path: str = "efficient", compensate: bool = True,

@@ -83,6 +83,10 @@ def test_the_baselines_pass_against_themselves_with_every_rule_matched(capsys):
         value=derived(d, "gradpath", "speedup 3x3 C=256")["value"] / 3)),
     ("gradpath.efficient-3x3-C256.stored_bytes_per_step",
      lambda d: scale(d, "gradpath", "efficient-3x3-C256", "stored_bytes_per_step", 2)),
+    ("table6.bn_control/bn train iter/s interval deviation",  # an A/A control outside its margin
+     lambda d: derived(d, "table6", "bn_control/bn train iter/s interval deviation").update(value=0.3)),
+    ("classify.resnet18.bn_control/bn inference iter/s interval deviation",
+     lambda d: derived(d, "classify", "resnet18.bn_control/bn inference iter/s interval deviation").update(value=0.26)),
 ])
 def test_an_injected_regression_fails_with_the_metric_named(tmp_path, capsys, metric, edit):
     code, out = run_gate(capsys, edited(tmp_path, BASELINE, edit), MICRO_BASELINE)
@@ -124,7 +128,7 @@ def test_a_failed_case_lists_its_metrics_as_missing(tmp_path, capsys):
     (lambda d: d.update(profile="cpu"), "the baseline {b} is profile 'quick', the current {c} is 'cpu'"),
     (lambda d: d.update(device="cuda", environment=dict(d["environment"], device_name="NVIDIA H100 80GB HBM3")),
      "is device class 'cpu', the current {c} is 'nvidia-h100-80gb-hbm3'"),
-    (None, "is schema 'cbn-bench/results v5', the current {c} is 'cbn-bench/results v2'"),
+    (None, "is schema 'cbn-bench/results v6', the current {c} is 'cbn-bench/results v2'"),
     (lambda d: [c["params"]["settings"].update(rounds=99) for c in d["cases"] if c["suite"] == "table6"],
      "table6 in the baseline {b} was measured with other settings than in {c}"),
 ])
@@ -246,7 +250,7 @@ def test_results_sources_mark_timing_metrics():
     assert not src.metrics["table6.cbn.train_step_flops"].timing
     assert not src.metrics["table6.cbn/bn train_step_flops ratio"].timing
     assert not src.metrics["table6.cbn.peak_rss_bytes"].timing
-    assert (src.device, src.device_class, src.profile, src.schema) == ("cpu", "cpu", "quick", "cbn-bench/results v5")
+    assert (src.device, src.device_class, src.profile, src.schema) == ("cpu", "cpu", "quick", "cbn-bench/results v6")
 
 
 def test_a_foreign_file_is_refused(tmp_path, capsys):
@@ -266,7 +270,7 @@ def test_every_rule_in_the_committed_file_names_real_metrics_of_its_devices():
     assert suites["cpu"] == {r.suite for r in rules}  # every suite's rules are checked on some device
     unmatched = [f"{r.pattern} on {device}" for r in rules for device in names
                  if r.applies_on(device) and r.suite in suites[device] and not any(r.matches(n) for n in names[device])]
-    assert unmatched == []
+    assert unmatched == [f"{name} on cuda" for name in CONTROL_CHECKS]  # the H100 files predate them (one per rule)
 
 
 def test_spread_reports_the_widest_pairwise_drift_of_timing_metrics(tmp_path, capsys):
@@ -294,10 +298,16 @@ def test_measuring_the_micro_suite_reads_the_file_it_ran(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- devices
-def test_a_cuda_run_passes_against_itself_as_its_gpu_baseline(capsys):
+# The H100 files predate the A/A controls: on CUDA their rules find nothing there, and fail as MISSING
+# (the micro-benchmarks' control has two rules, a floor and a ceiling).
+CONTROL_CHECKS = [*(f"table6.bn_control/bn {what} iter/s interval deviation" for what in ("train", "inference")),
+                  *["micro.*.bn-control/bn time ratio"] * 2]
+
+
+def test_a_cuda_run_passes_against_itself_as_its_gpu_baseline_but_for_the_control_it_predates(capsys):
     code, out = run_gate(capsys, GPU_BASELINE, GPU_MICRO_BASELINE, baseline=(GPU_BASELINE, GPU_MICRO_BASELINE))
-    assert code == 0, out
-    assert "0 fail, 0 missing" in out
+    assert code == 1, out
+    assert "0 fail, 4 missing" in out and out.rstrip().endswith(f"checks: {', '.join(CONTROL_CHECKS)}")
     assert "table6.*.counted_total_bytes (line" in out and "on cpu" in out  # CPU-only rules: not checked here
 
 
@@ -305,7 +315,7 @@ def test_an_injected_regression_in_a_cuda_run_fails_with_the_metric_named(tmp_pa
     bigger = edited(tmp_path, GPU_BASELINE, lambda d: scale(d, "table6", "cbn", "peak_allocated_bytes", 1.1))
     code, out = run_gate(capsys, bigger, GPU_MICRO_BASELINE, baseline=(GPU_BASELINE, GPU_MICRO_BASELINE))
     assert code == 1
-    assert out.rstrip().endswith("table6.cbn.peak_allocated_bytes")
+    assert "1 fail, 4 missing" in out and out.rstrip().endswith(f"checks: table6.cbn.peak_allocated_bytes, {', '.join(CONTROL_CHECKS)}")
 
 
 def test_a_metric_its_device_produces_but_the_run_lacks_still_fails(tmp_path, capsys):

@@ -1,10 +1,17 @@
-"""The prepared GPU command (tools/gpu_run.py), tested where CI runs: its plan and time estimate,
-the install step against a folder of wheels, a clear stop without a GPU, and a CPU run at smoke size."""
+"""The prepared GPU commands (tools/gpu_run.py), tested where CI runs: set-up (wheels, deep imports,
+no GPU), packing into at most three files, the deadline, SIGINT and recovery, and both commands end
+to end on a CPU at smoke size. Nothing here depends on the machine's speed: a deadline test stops a
+step that would sleep far past it, and SIGINT is sent when the journal records its first finished group."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 import zipfile
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -14,32 +21,13 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import gpu_run  # noqa: E402  (tools/ is not a package)
 
-from bench import session  # noqa: E402
 
-
-def test_the_paper_plan_fits_the_gpu_budget_and_says_how():
-    plan = session.plan(["table6", "gradpath"], "paper", "cpu")  # the same cases as on CUDA
-    seconds, lines = gpu_run.estimate(plan.cases, set(), "cuda", with_micro=True)
-    assert seconds <= gpu_run.BUDGET_S
-    assert lines[0].startswith("SyncBN on one device probe")
-    assert lines[1].startswith("table6: 6 cases, 6 rounds of 1 discarded + 2 kept steps, stored counts for 0")
-    assert lines[2].startswith("gradpath: 16 cases")
-    known = {("table6", c.name) for c in plan.cases if c.suite == "table6"}
-    faster, _ = gpu_run.estimate(plan.cases, known, "cuda", with_micro=True)
-    assert seconds - faster == pytest.approx(6 * gpu_run.COSTS["cuda"].count_s)  # stored counts save the counting
-
-
-def test_a_plan_over_the_budget_is_refused_before_anything_runs(capsys):
-    with pytest.raises(SystemExit, match="over the budget of 60 s"):
-        gpu_run.main(["--device", "cpu", "--profile", "paper", "--budget-s", "60", "--dry-run"])
-
-
-def test_without_a_gpu_it_stops_at_once_saying_what_to_do(monkeypatch):
+def test_without_a_gpu_it_stops_at_once_saying_what_to_do(monkeypatch, tmp_path):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="torch sees no CUDA device.*--device cpu --profile smoke"):
-        gpu_run.main([])
+        gpu_run.main(["table6", "--out", str(tmp_path)])
 
 
 def wheel(folder: Path, name: str) -> Path:
@@ -54,52 +42,134 @@ def wheel(folder: Path, name: str) -> Path:
     return path
 
 
-def test_the_install_step_puts_carried_wheels_first_and_checks_every_import(tmp_path, monkeypatch):
+def test_the_install_step_puts_carried_wheels_first_and_checks_every_import_deeply(tmp_path, monkeypatch):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     wheel(wheels, "carried_only_here")
     monkeypatch.setattr(gpu_run, "SITE", tmp_path / "site")
-    monkeypatch.setattr(gpu_run, "NEEDED", ("torch", "carried_only_here"))
+    monkeypatch.setattr(gpu_run, "REQUIRED", ("torch", "carried_only_here", "fvcore.nn"))
+    monkeypatch.setattr(gpu_run, "OPTIONAL", {"no_such_optional_thing": "no such figures"})
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", "")
-    gpu_run.install(wheels)
+    assert gpu_run.install(wheels) == ["no_such_optional_thing missing: no such figures"]
     assert (tmp_path / "site" / "carried_only_here.py").exists()
     assert str(tmp_path / "site") in os.environ["PYTHONPATH"].split(os.pathsep)  # for the worker processes too
-    monkeypatch.setattr(gpu_run, "NEEDED", ("no_such_package_anywhere",))
-    with pytest.raises(SystemExit, match="missing packages: no_such_package_anywhere"):
+    monkeypatch.setattr(gpu_run, "REQUIRED", ("fvcore.no_such_module",))  # fvcore itself imports: deep or nothing
+    with pytest.raises(SystemExit, match="missing packages: fvcore.no_such_module"):
         gpu_run.install(wheels)
     with pytest.raises(SystemExit, match="no wheels in"):
         gpu_run.install(tmp_path)
+    monkeypatch.setattr(gpu_run, "REQUIRED", ())
+    monkeypatch.setattr(gpu_run, "MIN_TORCH", (99, 0))
+    with pytest.raises(SystemExit, match="older than 99.0"):
+        gpu_run.install(None)
+
+
+def runner(tmp_path: Path, deadline_s: float = 60.0, grace_s: float = 5.0) -> gpu_run.Runner:
+    args = Namespace(out=tmp_path / "out", work=tmp_path / "work", grace_s=grace_s)
+    args.out.mkdir()
+    (args.work / "results" / "runs").mkdir(parents=True)
+    return gpu_run.Runner(args, gpu_run.Summary("table6", "cpu", "smoke", "test-run-id", deadline_s))
+
+
+def test_a_step_the_deadline_leaves_no_time_for_is_skipped_and_said_so(tmp_path):
+    r = runner(tmp_path, deadline_s=10.0)
+    r.run(gpu_run.Step("long pass", [sys.executable, "-c", "raise SystemExit(3)"]), need_s=1e6)
+    (step,) = r.summary.steps
+    assert step.status == "skipped" and step.exit_code is None and "too little" in step.why
+    assert "skipping long pass" in (tmp_path / "out" / "gpu-run-table6.log").read_text()
+
+
+def test_a_step_past_the_deadline_is_interrupted_and_the_rest_skipped(tmp_path):
+    r = runner(tmp_path, deadline_s=1.0, grace_s=30.0)  # the sleeper would run 60 s
+    sleeper = [sys.executable, "-c", "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    raise SystemExit(130)"]
+    r.run(gpu_run.Step("sleeper", sleeper))
+    r.run(gpu_run.Step("after", [sys.executable, "-c", "pass"]))
+    first, after = r.summary.steps
+    assert (first.status, r.summary.stopped) == ("interrupted", "deadline") and first.exit_code != 0
+    assert after.status == "skipped" and after.why == "stopped by deadline"
+    summary = json.loads((tmp_path / "out" / "gpu-run-table6.json").read_text())
+    assert [s["status"] for s in summary["steps"]] == ["interrupted", "skipped"]
+
+
+def test_packing_keeps_at_most_three_files_and_drops_traces_past_the_size_limit(tmp_path, monkeypatch):
+    r = runner(tmp_path)
+    results = tmp_path / "work" / "results"
+    (results / "runs" / "x_smoke_cpu.json").write_text("{}")
+    (results / "profiles").mkdir()
+    (results / "profiles" / "p_bn_train.trace.json.gz").write_bytes(os.urandom(200_000))
+    monkeypatch.setattr(gpu_run, "MAX_ARCHIVE_BYTES", 100_000)
+    r.pack()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gpu-run-table6.json", "gpu-run-table6.log", "gpu-run-table6.tar.gz"]
+    with tarfile.open(tmp_path / "out" / "gpu-run-table6.tar.gz") as tar:
+        names = tar.getnames()
+    assert "results/runs/x_smoke_cpu.json" in names and "results/runs/gpu-run-table6.log" in names
+    assert "results/runs/gpu-run-table6.json" in names
+    assert not any("trace" in n for n in names)
+    summary = json.loads((tmp_path / "out" / "gpu-run-table6.json").read_text())
+    assert summary["left_out"] == ["results/profiles/p_bn_train.trace.json.gz (archive over 0 MiB)"]
+
+
+def gpu_run_command(command: str, tmp_path: Path, *extra: str) -> list[str]:
+    return [str(ROOT / "tools" / "gpu-run"), command, "--device", "cpu", "--profile", "smoke",
+            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), *extra]
+
+
+def wrapper_env() -> dict[str, str]:
+    return dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+
+
+def archive_names(tmp_path: Path, command: str) -> list[str]:
+    with tarfile.open(tmp_path / "out" / f"gpu-run-{command}.tar.gz") as tar:
+        return tar.getnames()
 
 
 @pytest.mark.slow
-def test_the_script_runs_end_to_end_on_a_cpu_at_smoke_size(tmp_path):
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])  # the wrapper runs python3
-    done = subprocess.run([str(ROOT / "tools" / "gpu-run"), "--device", "cpu", "--profile", "smoke", "--skip-micro",
-                           "--out", str(tmp_path / "runs"), "--baselines", str(tmp_path / "baselines"),
-                           "--profiles", str(tmp_path / "profiles")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1200, env=dict(os.environ, PATH=path))
+def test_the_table6_command_runs_end_to_end_on_a_cpu_and_brings_back_three_files(tmp_path):
+    done = subprocess.run(gpu_run_command("table6", tmp_path, "--deadline-s", "100000", "--rounds", "2"), cwd=ROOT,
+                          capture_output=True,
+                          text=True, timeout=3600, env=wrapper_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "gpu-run plan on cpu" in done.stdout and "estimated total" in done.stdout
-    assert "sync check, one CBN training step on cpu: no host synchronization" in done.stdout
-    assert "syncbn probe: gloo, 2 processes on one cpu device: fails: ValueError: SyncBatchNorm expected input" in done.stdout
-    assert (tmp_path / "baselines" / "cpu" / "smoke.json").exists()
-    assert (tmp_path / "baselines" / "cpu" / "smoke-bf16-channels_last-eager.json").exists()  # time was left for it
-    assert len(list((tmp_path / "runs").glob("*_smoke_*.json"))) == 2
-    assert "profiling CBN against BN" in done.stdout  # time was left within the budget
-    assert len(list((tmp_path / "profiles").glob("*_table6_smoke_*.md"))) == 1
+    assert len(list((tmp_path / "out").iterdir())) == 3
+    summary = json.loads((tmp_path / "out" / "gpu-run-table6.json").read_text())
+    assert [(s["name"], s["status"]) for s in summary["steps"]] == [("layer CUDA tests", "ok"), ("table6", "ok")]
+    names = archive_names(tmp_path, "table6")
+    (run_name,) = [n for n in names if n.startswith("results/runs/") and "_smoke_" in n and n.endswith(".json")]
+    assert run_name.removesuffix(".json") + ".md" in names
+    with tarfile.open(tmp_path / "out" / "gpu-run-table6.tar.gz") as tar:
+        run = json.load(tar.extractfile(run_name))
+    assert [(c["case"], c["status"]) for c in run["cases"]] == [(name, "ok") for name in gpu_run.TABLE6_CASES.split(",")]
+    assert len({json.dumps(c["work"], sort_keys=True) for c in run["cases"]}) == 1  # the same boxes for every norm
 
 
-def test_the_sync_check_passes_for_cbn_and_names_a_sync_when_there_is_one(monkeypatch, capsys):
-    assert gpu_run.sync_check("cpu")
-    from cbn import layer
+def journal_lines(tmp_path: Path) -> int:
+    return sum(len(j.read_text().splitlines()) for j in (tmp_path / "work" / "results" / "runs").glob(".*.journal.jsonl"))
 
-    original = layer.CrossIterationBatchNorm2d._record
 
-    def record_and_sync(self, *args):
-        original(self, *args)
-        bool(self.nonfinite_batches)  # what the layer did before: ask the host about the batch
-
-    monkeypatch.setattr(layer.CrossIterationBatchNorm2d, "_record", record_and_sync)
-    assert not gpu_run.sync_check("cpu")
-    assert "FAILED: 1 host syncs" in capsys.readouterr().out
+@pytest.mark.slow
+@pytest.mark.parametrize("grace_s", ["30", "0"], ids=["written-by-the-run", "recovered-from-the-journal"])
+def test_sigint_keeps_every_finished_group_and_leaves_no_worker_behind(tmp_path, grace_s):
+    proc = subprocess.Popen(gpu_run_command("rest", tmp_path, "--skip-micro", "--deadline-s", "100000",
+                                            "--grace-s", grace_s),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=wrapper_env())
+    try:
+        while journal_lines(tmp_path) < 3:  # the header and gradpath's first group (two cases): an event, not a timer
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=600)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    summary = json.loads((tmp_path / "out" / "gpu-run-rest.json").read_text())
+    statuses = {s["name"]: s["status"] for s in summary["steps"]}
+    assert statuses["gradpath baseline"] == "interrupted" and summary["stopped"] == "SIGINT"
+    assert statuses["table6 in bf16 + channels_last"] == statuses["profile CBN against BN"] == "skipped"
+    assert gpu_run.kill_workers(summary["run_id"]) == []  # nothing of the run is left to kill
+    runs = [n for n in archive_names(tmp_path, "rest") if n.endswith(".json") and "_smoke_" in n]
+    assert len(runs) == 1
+    with tarfile.open(tmp_path / "out" / "gpu-run-rest.tar.gz") as tar:
+        run = json.load(tar.extractfile(runs[0]))
+    assert sum(c["status"] == "ok" for c in run["cases"]) >= 2  # the group the journal had recorded
+    assert not list((tmp_path / "work" / "results" / "runs").glob(".*.journal.jsonl"))  # recovered or removed

@@ -11,8 +11,9 @@ from bench.suite import Case
 MODULES = {"fake": "fake_suite"}
 
 
-def case(name: str, tmp_path: Path, behaviour: str = "", rounds: int = 3, group: str = "g", **extra) -> Case:
-    params = {"label": name, "log": str(tmp_path / "rounds.log"), "behaviour": behaviour}
+def case(name: str, tmp_path: Path, behaviour: str = "", rounds: int = 3, group: str = "g", work: str = "same",
+         **extra) -> Case:
+    params = {"label": name, "log": str(tmp_path / "rounds.log"), "behaviour": behaviour, "work": work}
     return Case("fake", name, params, group=group, rounds=rounds, **extra)
 
 
@@ -104,3 +105,26 @@ def test_on_cuda_the_group_keeps_warm_caches_only_when_its_workers_fit(tmp_path)
     run.measured["B"]["cuda_peak_reserved_bytes"] = 45 * gib
     run._decide_cache_policy()
     assert run.empty_cache is True and run.sampling["B"].cuda_cache.startswith("emptied after each round (77.0 GiB")
+
+
+def test_a_failing_metric_is_recorded_missing_and_the_case_keeps_its_other_figures_and_timings(tmp_path):
+    (result,) = run_cases([case("A", tmp_path, "metric_fails")], MODULES, "cpu")[0]
+    assert result.status == "ok"
+    assert result.missing == {"traced_macs": "ZeroDivisionError: division by zero"}
+    assert result.metrics["answer_flops"] == count(42.0, "flop")
+    assert len(result.metrics["work_time"].samples) == 3
+
+
+def test_each_sample_remembers_its_round(tmp_path):
+    (result,) = run_cases([case("A", tmp_path, rounds=3, kept_per_round=2)], MODULES, "cpu")[0]
+    assert result.metrics["work_time"].rounds == (0, 0, 1, 1, 2, 2)
+
+
+def test_cases_of_a_group_that_did_other_work_are_errors_naming_what_differed(tmp_path):
+    cases = [case("A", tmp_path), case("B", tmp_path), case("C", tmp_path, work="other"),
+             case("D", tmp_path, group="elsewhere", work="other")]  # another group compares within itself
+    results = {r.case: r for r in run_cases(cases, MODULES, "cpu")[0]}
+    assert results["A"].status == results["B"].status == results["D"].status == "ok"
+    assert results["C"].status == "error"
+    assert results["C"].error == "did other work than A, so it cannot be compared: inputs: other here, same in A"
+    assert results["C"].metrics["work_time"].samples  # what it measured stays on record

@@ -1,6 +1,8 @@
 import pytest
 
-from bench.stats import loglog_slope, ratio_of_medians, summarize
+import math
+
+from bench.stats import loglog_slope, paired_ratio, ratio_of_medians, summarize
 
 
 def test_summary_of_a_known_sample():
@@ -34,3 +36,36 @@ def test_empty_samples_are_refused():
         summarize([])
     with pytest.raises(ValueError):
         ratio_of_medians([], [1.0])
+
+
+def test_a_paired_ratio_cancels_drift_that_an_unpaired_one_counts_as_noise():
+    # the machine slows down round by round; B is 1.10x A's time in every round
+    a = {r: [1.0 + 0.1 * r] for r in range(8)}
+    b = {r: [1.1 * (1.0 + 0.1 * r)] for r in range(8)}
+    paired = paired_ratio(b, a)
+    assert paired.median == pytest.approx(1.1) and paired.n == 8
+    assert paired.ci_low == pytest.approx(1.1) and paired.ci_high == pytest.approx(1.1)
+    unpaired = ratio_of_medians([v for vs in b.values() for v in vs], [v for vs in a.values() for v in vs])
+    assert unpaired.ci_high - unpaired.ci_low > 0.3
+
+
+def test_a_paired_interval_is_the_t_interval_of_the_mean_log_ratio():
+    import math
+    import statistics
+
+    ratios = [1.02, 0.97, 1.05, 1.00, 0.99]
+    s = paired_ratio({r: [x] for r, x in enumerate(ratios)}, {r: [1.0] for r in range(5)})
+    logs = [math.log(x) for x in ratios]
+    half = 2.7764451051977987 * statistics.stdev(logs) / math.sqrt(5)  # t(0.975, 4 degrees of freedom)
+    assert s.median == pytest.approx(math.exp(statistics.fmean(logs)))
+    assert (s.ci_low, s.ci_high) == pytest.approx((math.exp(statistics.fmean(logs) - half),
+                                                  math.exp(statistics.fmean(logs) + half)))
+
+
+def test_pairing_uses_each_rounds_medians_and_only_shared_rounds():
+    s = paired_ratio({0: [2.0, 2.2, 9.0], 1: [2.0], 5: [3.0]}, {0: [1.1, 1.0, 1.2], 1: [1.0], 2: [7.0]})
+    assert s.n == 2 and s.median == pytest.approx(2.0)
+    one = paired_ratio({0: [2.0]}, {0: [1.0]})
+    assert one.median == 2.0 and math.isnan(one.ci_low) and math.isnan(one.ci_high)
+    with pytest.raises(ValueError, match="share no round"):
+        paired_ratio({0: [1.0]}, {1: [1.0]})

@@ -39,7 +39,7 @@ def test_a_module_missing_part_of_the_contract_is_refused_naming_each_gap():
 
 def test_table6_cases_and_options():
     names = [c.name for c in table6.cases("cpu", "cpu")]
-    assert names == ["bn", "gn", "syncbn", "cbn", "naive_cbn", "none"]
+    assert names == ["bn", "gn", "syncbn", "cbn", "naive_cbn", "none", "bn_control"]
     everywhere = table6.cases("cpu", "cpu", {"placement": "all", "arch": "faster_rcnn", "depth": "101"})
     assert "none" not in [c.name for c in everywhere]
     assert everywhere[0].params["placement"] == "all" and everywhere[0].params["depth"] == "101"
@@ -89,8 +89,9 @@ def test_classify_cases_group_each_model_and_ratios_stay_within_it():
     assert derived["resnet18.cbn/bn train iter/s ratio"].value == pytest.approx(1 / 1.5)
     check = derived["resnet18.cbn/bn step-time ratio over training-FLOP ratio"]
     assert check.value == pytest.approx(1.5 / 1.34)
-    # the time ratio's bootstrap interval over the exact FLOP ratio: the samples span 0.98-1.02 of each median
-    assert 1.5 / 1.34 * 0.98 / 1.02 <= check.ci_low < check.value < check.ci_high <= 1.5 / 1.34 * 1.02 / 0.98
+    # the time ratio's paired interval over the exact FLOP ratio: every round gives the same ratio
+    # (both cases' samples span 0.98-1.02 of their medians in step), so the interval closes on it
+    assert check.ci_low == pytest.approx(check.value) == pytest.approx(check.ci_high)
     assert derived["resnet50.gn/bn train iter/s ratio"].value == pytest.approx(1 / 1.1)
     assert not any(name.startswith("resnet50.cbn") for name in derived)  # no CBN case for that model
     run = RunResult("cpu", "cpu", ["classify"], environment(), results, list(derived.values()))
@@ -165,30 +166,129 @@ def test_table6_reuses_stored_counts_and_says_so():
     assert measured.metrics["counted_total_bytes"].value > 0  # memory is still measured here
 
 
-def test_a_timed_round_leaves_training_before_the_inference_clock_starts(monkeypatch):
-    """model.eval() reads CBN's device-side non-finite count (a host sync per layer): not timed."""
+def test_a_timed_round_is_a_block_of_steps_then_a_block_of_inference_on_frozen_weights(monkeypatch):
+    """model.eval() reads CBN's device-side non-finite count (a host sync per layer): not timed.
+    Inference calls follow one another, not each after a training step (the weights stay frozen)."""
     import torch
     from torch import nn
 
     from suites import workload
 
-    modes_when_timed = []
+    modes_when_timed, calls = [], []
 
     def time_call(fn, device):
         modes_when_timed.append(workload_under_test.model.training)
         fn()
-        return 1.0
+        return float(len(calls))
 
     class Workload(workload.TrainingWorkload):
         model, device = nn.Linear(2, 2), torch.device("cpu")
 
         def train_step(self):
+            calls.append("train")
             self.model.train()
 
         def inference(self):
+            calls.append("inference")
             self.model.eval()
 
     monkeypatch.setattr(workload, "time_call", time_call)
     workload_under_test = Workload()
-    assert workload_under_test.timed_round() == {"train_step_time": 1.0, "inference_time": 1.0}
-    assert modes_when_timed == [True, False]  # the inference clock started with the model already in eval
+    assert workload_under_test.timed_round(kept=2, discarded=1) == {"train_step_time": [2.0, 3.0],
+                                                                    "inference_time": [5.0, 6.0]}
+    assert calls == ["train"] * 3 + ["inference"] * 3
+    assert modes_when_timed == [True] * 3 + [False] * 3  # each inference clock started in eval mode
+
+
+def test_the_a_a_control_passes_within_its_margin_and_says_so_when_it_does_not():
+    params = {"arch": "mask_rcnn", "depth": "50", "placement": "heads", "profile": "cpu",
+              "settings": table6.settings(table6.PROFILES["cpu"])}
+    bn = timing_case("table6", "bn", params, 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
+    same = timing_case("table6", "bn_control", params, 1.0, train_step_flops=100.0, forward_macs=40.0,
+                       counted_total_bytes=1000.0)
+    derived = {d.name: d for d in table6.derive([bn, same])}
+    check = derived["bn_control/bn train iter/s interval deviation"]
+    assert check.kind == "timing" and check.value == pytest.approx(0.0, abs=1e-12)  # the same samples, round by round
+    run = RunResult("cpu", "cpu", ["table6"], environment(), [bn, same], list(derived.values()))
+    (table,) = table6.tables(run)
+    assert any(line.startswith("A/A control, train iter/s: BN/BN = 1.000 [1.000, 1.000], within the +-25% margin")
+               for line in table.caption)
+    noisy_metrics = dict(same.metrics, train_step_time=timing([1.0, 1.3, 0.8, 1.2, 0.9]))
+    noisy = dataclasses.replace(same, metrics=noisy_metrics)
+    derived = {d.name: d for d in table6.derive([bn, noisy])}
+    assert derived["bn_control/bn train iter/s interval deviation"].value > 0.25
+    (table,) = table6.tables(RunResult("cpu", "cpu", ["table6"], environment(), [bn, noisy], list(derived.values())))
+    assert any("OUTSIDE the +-25% margin on cpu: this run's noise is too large" in line for line in table.caption)
+
+
+def test_a_missing_metric_leaves_its_cells_and_ratios_out_and_the_caption_says_why():
+    params = {"arch": "mask_rcnn", "depth": "50", "placement": "heads", "profile": "cpu",
+              "settings": table6.settings(table6.PROFILES["cpu"])}
+    bn = timing_case("table6", "bn", params, 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
+    cbn = timing_case("table6", "cbn", params, 1.25, train_step_flops=113.0, counted_total_bytes=1020.0)
+    cbn = dataclasses.replace(cbn, missing={"forward_macs": "RuntimeError: fvcore could not trace"})
+    derived = {d.name: d for d in table6.derive([bn, cbn])}
+    assert "cbn/bn forward_macs ratio" not in derived and "cbn/bn train iter/s ratio" in derived
+    (table,) = table6.tables(RunResult("cpu", "cpu", ["table6"], environment(), [bn, cbn], list(derived.values())))
+    assert {row[0]: row for row in table.rows}["CBN k=4"][2] == "missing"
+    assert "CBN k=4: forward_macs missing (RuntimeError: fvcore could not trace)" in table.caption
+
+
+@pytest.mark.slow
+def test_every_table6_norm_pools_the_same_boxes_in_training_and_inference():
+    stored = {"metrics": {"train_step_flops": 1.0, "forward_macs": 2.0, "inference_forward_macs": 3.0},
+              "counted_on": "cpu", "date_utc": "2026-12-04T00:00:00", "torch": "2", "torchvision": "0"}
+    works = {}
+    for case in table6.cases("smoke", "cpu"):  # every norm, the A/A control's included
+        workload = table6.build(case, "cpu")
+        workload.reuse_counts(stored)  # counting is not what this test is about
+        works[case.name] = workload.measure().work
+    assert set(works) == set(table6.NORMS)
+    assert set(works["bn"]) == {"train box RoIs", "train mask RoIs", "inference box RoIs", "inference mask RoIs"}
+    assert all(work == works["bn"] for work in works.values()), works
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fixed_proposals_fill_the_samplers_quotas_so_its_random_draw_cannot_change_them(seed):
+    import torch
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.ops import boxes as box_ops
+
+    from suites.data import synthetic_batch
+    from suites.models import quota_filling_proposals
+
+    _, targets = synthetic_batch(2, 96, 128, seed=3)
+    heads = RoIHeads(None, None, None, 0.5, 0.5, 32, table6.POSITIVE_FRACTION, None, 0.05, 0.5, 100)
+    proposals = [quota_filling_proposals(t["boxes"], (96, 128), 32, table6.POSITIVE_FRACTION,
+                                         torch.Generator().manual_seed(0)) for t in targets]
+    best_iou = box_ops.box_iou(proposals[0], targets[0]["boxes"]).max(dim=1).values
+    assert (best_iou >= 0.5).sum() == 8 - 7 and (best_iou < 0.5).sum() == 24  # with the 7 objects: 8 + 24
+    torch.manual_seed(seed)  # the sampler's draw
+    sampled, _, labels, _ = heads.select_training_samples(proposals, targets)
+    torch.manual_seed(100 + seed)
+    again, _, _, _ = heads.select_training_samples(proposals, targets)
+    assert all(torch.equal(a, b) for a, b in zip(sampled, again))
+    assert [len(s) for s in sampled] == [32, 32] and [int((lab > 0).sum()) for lab in labels] == [8, 8]
+    assert isinstance(heads.fg_bg_sampler, det_utils.BalancedPositiveNegativeSampler)
+    with pytest.raises(ValueError, match="16 sampled RoIs per image leave 4 positives, fewer than the 7"):
+        quota_filling_proposals(targets[0]["boxes"], (96, 128), 16, 0.25, torch.Generator())
+
+
+@pytest.mark.slow
+def test_a_failing_flop_trace_costs_the_case_those_counts_only(monkeypatch):
+    from bench import flops
+
+    def broken_trace(*args, **kwargs):
+        raise RuntimeError("fvcore could not trace this graph")
+
+    monkeypatch.setattr(flops, "fvcore_forward_flops", broken_trace)
+    case = next(c for c in table6.cases("smoke", "cpu") if c.name == "bn")
+    workload = table6.build(case, "cpu")
+    measured = workload.measure()
+    assert measured.missing == {"forward_macs": "RuntimeError: fvcore could not trace this graph",
+                                "inference_forward_macs": "RuntimeError: fvcore could not trace this graph"}
+    assert measured.metrics["train_step_flops"].value > 0 and measured.metrics["counted_total_bytes"].value > 0
+    assert set(measured.work) == {"train box RoIs", "train mask RoIs", "inference box RoIs", "inference mask RoIs"}
+    workload.warmup()
+    assert set(workload.timed_round(kept=1, discarded=0)) == {"train_step_time", "inference_time"}  # still timed

@@ -6,7 +6,8 @@ import pytest
 
 from bench.gate import rules as thresholds
 from bench.gate.rules import ThresholdsError
-from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET
+from suites.constants import (CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, CONTROL_MARGIN, STEP_TIME_OVER_FLOPS,
+                             STEP_TIME_OVER_FLOPS_TARGET)
 
 COMMITTED = Path(__file__).resolve().parents[1] / "results" / "thresholds.toml"
 
@@ -122,3 +123,12 @@ def test_classify_holds_its_step_time_ratio_to_the_baseline_while_its_target_is_
     rules = [r for r in thresholds.load(COMMITTED) if r.pattern == f"classify.resnet18.{STEP_TIME_OVER_FLOPS}"]
     assert [(r.op, r.absolute, r.devices) for r in rules] == [("<=", None, ())]
     assert CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET["cpu"] == 1.08
+
+
+@pytest.mark.parametrize("pattern", [f"table6.{CONTROL}/bn {{}} interval deviation",
+                                     f"classify.resnet18.{CONTROL}/bn {{}} interval deviation"])
+def test_the_gate_holds_every_a_a_control_to_the_margin_the_tables_print(pattern):
+    for label in ("train iter/s", "inference iter/s"):
+        rules = [r for r in thresholds.load(COMMITTED) if r.pattern == pattern.format(label)]
+        assert {r.devices: (r.op, r.absolute) for r in rules} == {
+            (device,): ("<=", margin) for device, margin in CONTROL_MARGIN.items()}
