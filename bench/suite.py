@@ -51,8 +51,8 @@ class Workload(Protocol):
 
     def timed_round(self, kept: int, discarded: int) -> dict[str, list[float]]:
         """One round: for each timed quantity (e.g. train_step_time, inference_time), `kept`
-        samples in seconds, taken after `discarded` untimed-for-the-record calls of the same kind
-        (bench/sampling.py's keep_last does the counting)."""
+        consecutive samples in seconds, after `discarded` calls of the same kind whose times are
+        dropped (bench/sampling.py's keep_last counts them)."""
         ...
 
     # Optional, for `python -m bench profile`: kind of step ("train", "inference") -> one step,

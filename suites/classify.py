@@ -16,13 +16,13 @@ import torchvision
 from torch import nn
 
 import cbn
-from bench import flops, modes, ranks
-from bench.metrics import Collected, count
+from bench import modes, ranks
+from bench.metrics import Collected
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
 from suites import ratios
 from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, STEP_TIME_OVER_FLOPS, WINDOW
-from suites.workload import NoInputForward, TrainingWorkload, mode_caption, processes_caption, processes_label
+from suites.workload import TrainingWorkload, mode_caption, processes_caption, processes_label
 
 NAME = "classify"
 
@@ -121,12 +121,8 @@ class ClassifyWorkload(TrainingWorkload):
             self.train_step()
         notes: list[str] = []
         found = Collected()
-        found.attempt(("train_step_flops",), lambda: {"train_step_flops": count(flops.counted_flops(self.train_step), "flop")})
-        found.attempt(("forward_macs",), lambda: {"forward_macs": count(self.training_forward_macs(notes), "mac")})
-        self.model.eval()
-        inference = NoInputForward(self.model, lambda: self.model(self.images))
-        found.attempt(("inference_forward_macs",), lambda: {"inference_forward_macs": count(
-            flops.fvcore_forward_flops(inference, ())[0], "mac")})
+        self.count_training(found, notes)
+        self.count_inference(found, lambda: self.model(self.images))
         found.attempt(("memory",), lambda: self.memory(notes))
         return Measurement({**found.metrics, **self.structure()}, notes, missing=found.missing)
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 
-from bench import counts, flops, modes, ranks
+from bench import counts, modes, ranks
 from bench.metrics import Collected, count
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
@@ -33,7 +33,7 @@ from suites import ratios
 from suites.constants import CONTROL, STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
 from suites.data import synthetic_batch
 from suites.models import DetectorSpec, build_detector
-from suites.workload import NoInputForward, TrainingWorkload, mode_caption, processes_caption, processes_label
+from suites.workload import TrainingWorkload, mode_caption, processes_caption, processes_label
 
 NAME = "table6"
 
@@ -231,13 +231,10 @@ class DetectionWorkload(TrainingWorkload):
             found.metrics.update({name: count(self.known_counts["metrics"][name], unit) for name, unit in COUNTS.items()})
             notes.append(counts.note(self.known_counts))
         else:
-            found.attempt(("train_step_flops",), lambda: {"train_step_flops": count(flops.counted_flops(self.train_step), "flop")})
-            found.attempt(("forward_macs",), lambda: {"forward_macs": count(self.training_forward_macs(notes), "mac")})
+            self.count_training(found, notes)
         found.attempt(("memory",), lambda: self.memory(notes))
         if self.known_counts is None:
-            self.model.eval()
-            found.attempt(("inference_forward_macs",), lambda: {"inference_forward_macs": count(
-                flops.fvcore_forward_flops(NoInputForward(self.model, self.network_forward), ())[0], "mac")})
+            self.count_inference(found, self.network_forward)
         return Measurement({**found.metrics, **self.structure()}, notes, missing=found.missing, work=work)
 
 

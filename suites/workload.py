@@ -24,7 +24,7 @@ from torch import nn
 from bench import flops, memory, ranks
 from bench.sampling import keep_last
 from bench.modes import Mode, optimizer_step
-from bench.metrics import Metric, count, peak
+from bench.metrics import Collected, Metric, count, peak
 from bench.timing import synchronize, time_call
 from suites.constants import WINDOW
 
@@ -125,6 +125,17 @@ class TrainingWorkload:
         self.after_optimizer_step()  # counting ran one optimizer step
         return {**{name: count(value, "byte") for name, value in counted.items()},
                 "peak_rss_bytes": peak(memory.peak_rss_bytes())}
+
+    def count_training(self, found: Collected, notes: list[str]) -> None:
+        """A training step's FLOPs and a training forward's multiply-adds, each on its own."""
+        found.attempt(("train_step_flops",), lambda: {"train_step_flops": count(flops.counted_flops(self.train_step), "flop")})
+        found.attempt(("forward_macs",), lambda: {"forward_macs": count(self.training_forward_macs(notes), "mac")})
+
+    def count_inference(self, found: Collected, forward: Callable[[], object]) -> None:
+        """fvcore's multiply-adds of an inference forward (the model in eval mode), on its own."""
+        self.model.eval()
+        found.attempt(("inference_forward_macs",), lambda: {"inference_forward_macs": count(
+            flops.fvcore_forward_flops(NoInputForward(self.model, forward), ())[0], "mac")})
 
     def training_forward_macs(self, notes: list[str]) -> float:
         """fvcore's multiply-adds of one training forward (the model alone, without DDP); what it

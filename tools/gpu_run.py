@@ -13,10 +13,10 @@ pass after the SyncBN probe (micro-benchmark baseline, gradpath baseline, bf16 +
 Table 6, the CBN-against-BN profile) only while its deadline leaves the time the pass needs (COSTS).
 
 Everything a command makes goes under --out, in at most three files: ``gpu-run-<command>.tar.gz``
-(a ``results/`` tree as the repository lays it out: runs, baselines, profiles, the log and the
-summary), ``gpu-run-<command>.log`` (everything every step printed) and ``gpu-run-<command>.json``
-(the summary: each step's command, status, exit code and seconds, the archive's files). The
-archive is rewritten after every step, so a kill loses at most the step in flight; traces that
+(a ``results/`` tree as the repository lays it out: runs, baselines, profiles, the log, the summary
+and torch.utils.collect_env's report of the machine), ``gpu-run-<command>.log`` (everything every
+step printed) and ``gpu-run-<command>.json`` (the summary: each step's command, status, exit code
+and seconds, the archive's files). The archive is rewritten after every step, so a kill loses at most the step in flight; traces that
 would take it past MAX_ARCHIVE_BYTES are left out and named in the summary. Unpack with
 ``tar -xzf gpu-run-table6.tar.gz`` at the repository root, then commit results/.
 
@@ -177,11 +177,9 @@ class Runner:
         files = sorted(p for p in self.results.rglob("*") if p.is_file() and not p.name.startswith("."))
         traces = [p for p in files if ".trace." in p.name or p.suffix == ".pickle"]
         kept = [p for p in files if p not in traces]
-        data = _tar(self.results, kept, self.log_path)
         for trace in traces:
-            bigger = _tar(self.results, [*kept, trace], self.log_path)
-            if len(bigger) <= MAX_ARCHIVE_BYTES:
-                kept, data = [*kept, trace], bigger
+            if len(_tar(self.results, [*kept, trace], self.log_path)) <= MAX_ARCHIVE_BYTES:
+                kept.append(trace)
             else:
                 self.summary.left_out.append(f"results/{trace.relative_to(self.results)} (archive over "
                                              f"{MAX_ARCHIVE_BYTES >> 20} MiB)")
@@ -279,6 +277,15 @@ def _import_errors(names: tuple[str, ...]) -> dict[str, str]:
     return errors
 
 
+def record_environment(path: Path) -> None:
+    """torch.utils.collect_env's report (driver, CUDA, cuDNN, packages), archived beside the results."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.utils.collect_env"], capture_output=True, text=True, timeout=120)
+        path.write_text(done.stdout + done.stderr)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        path.write_text(f"torch.utils.collect_env failed: {err}\n")
+
+
 # ---------------------------------------------------------------------- the commands
 def bench(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "bench", *arguments]
@@ -286,7 +293,7 @@ def bench(*arguments: str) -> list[str]:
 
 def table6_steps(args: argparse.Namespace, runs: Path) -> list[tuple[Step, float]]:
     tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layer_devices.py", "-k", "cuda"]
-    run = bench("run", "table6", "--profile", args.profile, "--device", args.device, "--cases", TABLE6_CASES,
+    run = bench("run", "table6", "--profile", args.profile, "--device", args.device, "--cases", args.cases,
                 "--rounds", str(args.rounds), "--out", str(runs))
     return [(Step("layer CUDA tests", tests), 0.0), (Step("table6", run), 0.0)]
 
@@ -298,7 +305,7 @@ def rest_steps(args: argparse.Namespace, runs: Path, notes: list[str]) -> list[t
     probe = [sys.executable, str(ROOT / "tools" / "syncbn_probe.py"), "--device", args.device]
     micro_baseline = bench("baseline", "micro", *where, "--folder", str(baselines))
     gradpath = bench("baseline", "gradpath", "--skip-micro", "--profile", args.profile, *where, "--folder", str(baselines))
-    mixed = bench("run", "table6", "--profile", args.profile, "--cases", TABLE6_CASES, "--rounds", str(args.rounds),
+    mixed = bench("run", "table6", "--profile", args.profile, "--cases", args.cases, "--rounds", str(args.rounds),
                   "--precision", "bf16", "--channels-last", *where)
     profile = bench("profile", "--profile", args.profile, "--device", args.device, "--steps", str(PROFILE_STEPS),
                     "--out", str(profiles))
@@ -339,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"seconds an interrupted step gets to write its results before it is killed (default {GRACE_S:.0f})")
     parser.add_argument("--skip-micro", action="store_true", help="rest: no micro-benchmarks")
     parser.add_argument("--rounds", type=int, default=TABLE6_ROUNDS, help=f"table6's timed rounds (default {TABLE6_ROUNDS})")
+    parser.add_argument("--cases", default=TABLE6_CASES, help=f"table6's cases (default {TABLE6_CASES})")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     args.work = (args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"cbn-bench-gpu-run-{args.command}").resolve()
@@ -360,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     runner.say(f"gpu-run {args.command} on {args.device}, profile {args.profile}, deadline {summary.deadline_s:.0f} s, "
                f"run id {summary.run_id}" + "".join(f"\n  note: {n}" for n in notes))
+    record_environment(runs / f"gpu-run-{args.command}-environment.txt")
     steps = table6_steps(args, runs) if args.command == "table6" else rest_steps(args, runs, notes)
     for step, need_s in steps:
         runner.run(step, need_s)
