@@ -29,9 +29,10 @@ CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET = {"cuda": 1.05, "cpu": 1.08}
 # whose ratio to BN measures only the run's noise. A run's control passes when its paired 95%
 # interval lies within this margin of 1 (suites/ratios.py); results/thresholds.toml enforces the
 # same numbers (tests/test_thresholds.py keeps them equal). On CUDA +-3%, what a GPU's steady-state
-# steps allow (no GPU A/A run with this control yet). On a 2-core CPU the control's interval reached
-# 0.116-0.147 from 1 in the quick profile's table6 and classify runs of 2026-12-04 (one sample per
-# round; results/README.md, "Table 6 with identical work"), hence 0.25: a wider interval means the
-# machine was busier than that, and the run's ratios are noise.
+# steps allow (no GPU A/A run with this control yet). On a 2-core CPU, over ten A/A intervals of
+# 2026-12-04 (two quick baselines and the cpu profile's run, table6 and classify, training and
+# inference, one sample per round; results/README.md, "Table 6 with identical work"), the farthest
+# reached 0.092 to 0.223 from 1, hence 0.30: a wider interval means the machine was noisier than
+# that, and the run's ratios are noise.
 CONTROL = "bn_control"
-CONTROL_MARGIN = {"cuda": 0.03, "cpu": 0.25}
+CONTROL_MARGIN = {"cuda": 0.03, "cpu": 0.30}

@@ -66,7 +66,9 @@ def test_cases_on_two_processes_a_dead_rank_and_a_hung_rank_fail_their_case_only
                   "pids": str(tmp_path / f"{name}.pids")}
         return Case("fake", name, params, group="g", rounds=2, timeout_s=timeout_s, nproc=2)
 
-    cases = [case("dead", "crash_rank1"), case("hung", "hang_rank1", timeout_s=10), case("A")]
+    # 45 s: the hung case must get past its build (two ranks importing torch on a busy machine) before
+    # its rank 1 hangs in a round, or it times out before writing the pids the test checks.
+    cases = [case("dead", "crash_rank1"), case("hung", "hang_rank1", timeout_s=45), case("A")]
     found = {r.case: r for r in run_cases(cases, {"fake": "fake_suite"}, "cpu")[0]}
     assert [found[n].status for n in ("dead", "hung", "A")] == ["error", "error", "ok"]
     a = found["A"]
@@ -75,7 +77,7 @@ def test_cases_on_two_processes_a_dead_rank_and_a_hung_rank_fail_their_case_only
     work = a.metrics["work_time"]  # rank 1 takes twice as long in the fake suite: every step is its
     assert work.samples == (0.004, 0.004) and work.per_rank == (0.002, 0.004)
     assert a.notes == ["rank 0 of 2", "rank 1: rank 1 of 2"]
-    assert "exitcode" in found["dead"].error and "timed out after 10 s" in found["hung"].error
+    assert "exitcode" in found["dead"].error and "timed out after 45 s" in found["hung"].error
     for pid in map(int, (tmp_path / "hung.pids").read_text().split()):  # both ranks gone, the stuck one too
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

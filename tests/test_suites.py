@@ -211,14 +211,14 @@ def test_the_a_a_control_passes_within_its_margin_and_says_so_when_it_does_not()
     assert check.kind == "timing" and check.value == pytest.approx(0.0, abs=1e-12)  # the same samples, round by round
     run = RunResult("cpu", "cpu", ["table6"], environment(), [bn, same], list(derived.values()))
     (table,) = table6.tables(run)
-    assert any(line.startswith("A/A control, train iter/s: BN/BN = 1.000 [1.000, 1.000], within the +-25% margin")
+    assert any(line.startswith("A/A control, train iter/s: BN/BN = 1.000 [1.000, 1.000], within the +-30% margin")
                for line in table.caption)
     noisy_metrics = dict(same.metrics, train_step_time=timing([1.0, 1.3, 0.8, 1.2, 0.9]))
     noisy = dataclasses.replace(same, metrics=noisy_metrics)
     derived = {d.name: d for d in table6.derive([bn, noisy])}
-    assert derived["bn_control/bn train iter/s interval deviation"].value > 0.25
+    assert derived["bn_control/bn train iter/s interval deviation"].value > 0.30
     (table,) = table6.tables(RunResult("cpu", "cpu", ["table6"], environment(), [bn, noisy], list(derived.values())))
-    assert any("OUTSIDE the +-25% margin on cpu: this run's noise is too large" in line for line in table.caption)
+    assert any("OUTSIDE the +-30% margin on cpu: this run's noise is too large" in line for line in table.caption)
 
 
 def test_a_missing_metric_leaves_its_cells_and_ratios_out_and_the_caption_says_why():

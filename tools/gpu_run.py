@@ -149,7 +149,7 @@ class Runner:
         sys.stdout.flush()
 
     def _interrupt(self, proc: subprocess.Popen, step: Step) -> None:
-        """SIGINT to the step's group, a grace period, SIGKILL; then its workers; then recovery."""
+        """SIGINT to the step's group, a grace period, SIGKILL; then its workers (run() recovers journals)."""
         step.status, step.why = "interrupted", f"stopped by {self.stop}"
         self.say(f"gpu-run: {self.stop}: interrupting {step.name} (SIGINT, {self.args.grace_s:.0f} s to finish)")
         _signal_group(proc.pid, signal.SIGINT)
