@@ -103,7 +103,7 @@ def test_a_slower_efficient_path_in_the_micro_benchmarks_fails(tmp_path, capsys)
 
 
 def test_a_micro_benchmark_control_that_strays_from_bn_fails(tmp_path, capsys):
-    strayed = edited(tmp_path, MICRO_BASELINE, lambda d: scale_micro(d, "forward", "bn-control", 1.4), "micro.json")
+    strayed = edited(tmp_path, MICRO_BASELINE, lambda d: scale_micro(d, "forward", "bn-control", 1.6), "micro.json")
     code, out = run_gate(capsys, BASELINE, strayed)
     assert code == 1
     assert out.rstrip().endswith("micro.forward.bn-control/bn time ratio")
