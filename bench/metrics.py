@@ -95,12 +95,11 @@ class Collected:
         self.metrics: dict[str, Metric] = {}
         self.missing: dict[str, str] = {}
 
-    def attempt(self, names: tuple[str, ...], measure) -> bool:
+    def attempt(self, names: tuple[str, ...], measure) -> None:
         """measure() returns a dict of some of names -> Metric; on an exception every name is missing."""
         try:
             self.metrics.update(measure())
-            return True
         except Exception as err:  # noqa: BLE001: any failure of one metric is that metric's, recorded
+            first_line = next(iter(str(err).splitlines()), "")
             for name in names:
-                self.missing[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            return False
+                self.missing[name] = f"{type(err).__name__}: {first_line}"
