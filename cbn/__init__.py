@@ -2,7 +2,7 @@
 
 from cbn.convert import convert, find_conv_pairs, keep_statistics_per_rank
 from cbn.distributed import gather_per_rank_state, load_per_rank_state, per_rank_state
-from cbn.layer import CrossIterationBatchNorm2d, check_finite
+from cbn.layer import CrossIterationBatchNorm2d, check_finite, negative_variance_counts
 from cbn.norms import NORM_LAYERS, norm_layer, suggested_window
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "gather_per_rank_state",
     "keep_statistics_per_rank",
     "load_per_rank_state",
+    "negative_variance_counts",
     "norm_layer",
     "per_rank_state",
     "suggested_window",

@@ -58,6 +58,7 @@ def convert(
     burn_in: int = 0,
     grad_path: str = "efficient",
     compensate: bool = True,
+    negative_variance: str = "clamp",
     unpaired: str = "error",
     include: Callable[[str, nn.Module], bool] | None = None,
 ) -> nn.Module:
@@ -87,7 +88,8 @@ def convert(
             + ". CBN compensates with the weight of the nn.Conv2d that directly produces a norm's input. "
             "Pass unpaired='keep' to leave them unconverted, include=... to skip them, or compensate=False."
         )
-    options = dict(window=window, burn_in=burn_in, grad_path=grad_path, compensate=compensate)
+    options = dict(window=window, burn_in=burn_in, grad_path=grad_path, compensate=compensate,
+                   negative_variance=negative_variance)
     for name in targets:
         if name in lonely:
             continue

@@ -32,19 +32,20 @@ REDUCE_DIMS = (0, 2, 3)  # an (N, C, H, W) tensor's dimensions other than its ch
 def combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor | int]:
     """Eq. 9-11: average the current statistics with the compensated past ones.
 
-    past is (means, variances, weights) of the k-1 history slots: a weight is 1 for an entry in
-    the window and 0 for an empty or invalid slot, whose mean and variance are 0. The entry count
-    is then 1 + sum(weights), computed on the device. var_bar = mean_j max(var_j, 0) +
-    mean_j (mu_j - mu_bar)^2, which equals Eq. 10-11's mean_j max(nu_j, mu_j^2) - mu_bar^2 without
-    its cancellation (the past var_j are clamped).
+    past is (means, variances, weights) of the k-1 history slots, (k-1, C) each: a weight is 1 for
+    an entry in the window and 0 for one outside it (an empty or invalid slot, or a dropped
+    channel), whose mean and variance are 0. The entry count per channel is then 1 + sum(weights),
+    computed on the device. var_bar = mean_j max(var_j, 0) + mean_j (mu_j - mu_bar)^2, which equals
+    Eq. 10-11's mean_j max(nu_j, mu_j^2) - mu_bar^2 without its cancellation (the past var_j are
+    clamped or dropped already).
     """
     if past is None:  # copies: torch.compile cannot wire one tensor returned and saved under two names
         return mean.clone(), var.clone(), 1
     past_mean, past_var, weights = (to_dtype(p, mean.dtype) for p in past)
-    entries = torch.add(weights.sum(), constant(1.0, mean.dtype))
-    mean_bar = (mean + past_mean.sum(0)) / entries  # weight-0 slots hold zeros
+    entries = torch.add(weights.sum(0), constant(1.0, mean.dtype))
+    mean_bar = (mean + past_mean.sum(0)) / entries  # weight-0 entries hold zeros
     current, others = mean - mean_bar, past_mean - mean_bar
-    spread = torch.addmv(current * current, (others * others).transpose(0, 1), weights)
+    spread = torch.mul(others * others, weights).sum(0).addcmul_(current, current)
     var_bar = (var + past_var.sum(0) + spread) / entries
     return mean_bar, var_bar, entries
 

@@ -71,6 +71,22 @@ class CrossIterationBatchNorm2d(nn.Module):
     training call of an iteration is recorded (calls under ``torch.no_grad()`` never are). A conv
     that is never updated therefore never advances the window. Save checkpoints between iterations.
 
+    When the compensation fails: nu = E[x^2] is a convex quadratic in the conv's weights (for input
+    patches with second-moment matrix Sigma, nu_c(W) = W_c^T Sigma W_c), so its first-order Taylor
+    term always underestimates it, by dW_c^T Sigma dW_c >= 0, and a compensated variance
+    nu - mu^2 can come out negative, mostly while the weights still move fast.
+    ``negative_variance`` says what becomes of such a (past iteration, channel) entry:
+
+    * ``"clamp"`` (the default, Eq. 10): its variance counts as 0 (max(nu, mu^2)); its mean stays.
+    * ``"drop"``: the entry leaves that channel's window, mean and mean square alike; window
+      weights and example counts are then per channel, in the normalization, its backward and the
+      running statistics.
+
+    Either way the layer counts, on the device, the window entries it compensated
+    (``compensated_entries``) and those whose variance came out negative (``negative_variances``),
+    once per iteration; ``cbn.negative_variance_counts(model)`` reads them (one host sync per layer).
+    Naive CBN never compensates, so its counts stay 0. A long burn-in is the paper's remedy.
+
     Non-finite batches, decided without asking the host: a training step never waits for the
     device (no host synchronization), so the layer cannot raise when a batch's statistics are inf or
     nan. Such a batch is normalized as BatchNorm2d would normalize it (its output is not finite
@@ -123,9 +139,10 @@ class CrossIterationBatchNorm2d(nn.Module):
         burn_in: int = 0,
         grad_path: str = "efficient",
         compensate: bool = True,
+        negative_variance: str = "clamp",
     ) -> None:
         super().__init__()
-        _check_options(num_features, track_running_stats, window, burn_in, grad_path)
+        _check_options(num_features, track_running_stats, window, burn_in, grad_path, negative_variance)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -136,6 +153,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         self.burn_in = burn_in
         self.grad_path = grad_path
         self.compensate = compensate
+        self.negative_variance = negative_variance
         self.name: str | None = None  # set by cbn.convert; used in error messages
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
@@ -150,6 +168,10 @@ class CrossIterationBatchNorm2d(nn.Module):
         # the device so that no training step waits for the host. See check_finite().
         self.register_buffer("nonfinite_batches", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
         self._nonfinite_reported = 0
+        # Window entries (past iteration x channel) compensated, and those whose compensated
+        # variance was negative (clamped or dropped by the rule), summed over iterations, on the device.
+        for counter in ("compensated_entries", "negative_variances"):
+            self.register_buffer(counter, torch.tensor(0, dtype=torch.long, device=device), persistent=False)
         # History of past iterations, one slot per past step (window - 1 slots), allocated on first
         # use; None buffers are neither saved nor loaded.
         for field in self._history_fields():
@@ -314,20 +336,27 @@ class CrossIterationBatchNorm2d(nn.Module):
 
     @torch.no_grad()
     def _past_window(self) -> tuple[Tensor, Tensor, Tensor]:
-        """This iteration's compensated past (mean, var) for every slot, (k-1, C) each, and the slots'
-        weights (1 for a recorded finite entry, 0 otherwise; the mean and var of a weight-0 slot
-        are 0). Computed once per iteration, for all slots at once: no per-slot ops."""
-        mean, var, keep = self.history_mean, self.history_var, self.history_valid
+        """This iteration's compensated past (mean, var) for every slot and channel, (k-1, C) each,
+        and their weights, (k-1, C): 1 for an entry in the window, 0 for an empty slot, a non-finite
+        record or (rule "drop") a negative compensated variance; a weight-0 entry's mean and var
+        are 0. Computed once per iteration, for all slots at once: no per-slot ops."""
+        mean, var, keep = self.history_mean, self.history_var, self.history_valid.unsqueeze(1)
         if self.compensate:
             mean, var = self._compensate(mean, var)
             # Finite records can still compensate to inf or nan (a gradient field that overflowed,
             # a huge weight change): such a slot drops out of this window too.
-            keep = keep & _finite((mean + var).sum(1))
+            keep = keep & _finite((mean + var).sum(1, keepdim=True))
+            negative = keep & (var < 0)
+            self.compensated_entries.add_(keep.sum() * mean.shape[1])
+            self.negative_variances.add_(negative.sum())
+            if self.negative_variance == "drop":
+                keep = keep & ~negative
+            var = var.clamp_min(0.0)  # Eq. 10's max(nu, mu^2); a dropped entry's is zeroed below
+        keep = keep.expand_as(mean)
         # A fresh tensor: the cache must not see a later record in this iteration.
         weights = keep.to(mean.dtype)
         # torch.where copies a CPU scalar tensor to another device, with a host sync: off CPU, a device zero.
         zero = constant(0.0, mean.dtype) if mean.device.type == "cpu" else mean.new_zeros(())
-        keep = keep.unsqueeze(1)
         return torch.where(keep, mean, zero), torch.where(keep, var, zero), weights
 
     def _compensate(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
@@ -345,8 +374,8 @@ class CrossIterationBatchNorm2d(nn.Module):
         # nu_now = L_nu(theta_t) - nu_past, nu_past = var + mu^2, built in a fresh (S, C) tensor laid
         # out like the history (lin_sq is a transposed view: results shaped by it vary in layout with S).
         nu_now = torch.addcmul(var, mean, mean).neg_().add_(lin_sq)
-        # var_now = nu_now - mu_now^2; the clamp is Eq. 10's max(nu, mu^2).
-        var_now = torch.addcmul(nu_now, mean_now, mean_now, value=-1.0).clamp_min_(0.0)
+        # var_now = nu_now - mu_now^2, not clamped yet: the negative-variance rule decides (_past_window).
+        var_now = torch.addcmul(nu_now, mean_now, mean_now, value=-1.0)
         return mean_now, var_now
 
     def _current_conv_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -412,7 +441,7 @@ class CrossIterationBatchNorm2d(nn.Module):
     def per_rank_buffers(self) -> list[str]:
         """Buffers that belong to this process under data parallelism: the history (this device's
         past statistics, as in the paper) and the non-finite batch count (cbn.keep_statistics_per_rank)."""
-        return [*self._history_fields(), "nonfinite_batches"]
+        return [*self._history_fields(), "nonfinite_batches", "compensated_entries", "negative_variances"]
 
     def history_bytes(self) -> int:
         """Bytes this layer holds for past iterations (history buffers and this step's window)."""
@@ -427,8 +456,8 @@ class CrossIterationBatchNorm2d(nn.Module):
     @property
     def past_statistics(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """The past iterations' statistics as the last training forward used them: (means,
-        variances, weights), (k-1, C), (k-1, C) and (k-1,), compensated to that iteration's weights
-        (raw for Naive CBN); a slot outside the window has weight 0, mean 0 and variance 0. None
+        variances, weights), (k-1, C) each, compensated to that iteration's weights (raw for Naive
+        CBN); an entry outside the window has weight 0, mean 0 and variance 0. None
         while no window exists. ``cbn.functional.combine(mean, var, past)`` with the batch's own
         statistics gives the window statistics the layer normalized with (Eq. 9-11)."""
         return self._window_cache if isinstance(self._window_cache, tuple) else None
@@ -441,11 +470,12 @@ class CrossIterationBatchNorm2d(nn.Module):
     @property
     def window_entries(self) -> int:
         """How many iterations (current included) the current iteration's statistics average: the
-        in-window slots holding finite statistics. Reading it synchronizes with the device."""
+        in-window slots holding finite statistics (with rule "drop", those used by at least one
+        channel). Reading it synchronizes with the device."""
         if self._window_cache is _UNSET:
             slots = self._past_slots()
             return 1 + (int(self.history_valid[slots].sum()) if slots else 0)
-        return 1 + (0 if self._window_cache is None else int(self._window_cache[2].sum()))
+        return 1 + (0 if self._window_cache is None else int(self._window_cache[2].amax(1).sum()))
 
     def _reset_transients(self) -> None:
         # A new process, a loaded checkpoint or a new binding starts a new iteration at its first
@@ -547,7 +577,8 @@ class CrossIterationBatchNorm2d(nn.Module):
     def extra_repr(self) -> str:
         text = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"window={self.window}, burn_in={self.burn_in}, grad_path={self.grad_path!r}, compensate={self.compensate}"
+            f"window={self.window}, burn_in={self.burn_in}, grad_path={self.grad_path!r}, compensate={self.compensate}, "
+            f"negative_variance={self.negative_variance!r}"
         )
         if self._conv is not None:
             text += f", conv={tuple(self._conv.weight.shape)}"
@@ -565,6 +596,15 @@ def check_finite(model: nn.Module) -> None:
             f"non-finite batch statistics (batches per layer) in {listed}. They were kept out of every window, "
             "but the loss has likely diverged: check the input for inf/nan and lower the learning rate."
         )
+
+
+def negative_variance_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Per CBN layer (by qualified name), (negative, compensated): how many window entries (past
+    iteration x channel) came out with a negative compensated variance, and how many were
+    compensated, since the layer was built. One host synchronization per layer: read it between
+    steps."""
+    return {name: (int(m.negative_variances), int(m.compensated_entries))
+            for name, m in model.named_modules() if isinstance(m, CrossIterationBatchNorm2d)}
 
 
 def _finite(t: Tensor) -> Tensor:
@@ -593,7 +633,11 @@ def _all_path_fields(grad_path: str) -> list[str]:
     return ["jac_mean_weight", "jac_sq_weight", "jac_mean_bias", "jac_sq_bias"]
 
 
-def _check_options(num_features: int, track_running_stats: bool, window: int, burn_in: int, grad_path: str) -> None:
+NEGATIVE_VARIANCE_RULES = ("clamp", "drop")
+
+
+def _check_options(num_features: int, track_running_stats: bool, window: int, burn_in: int, grad_path: str,
+                   negative_variance: str) -> None:
     if not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"CrossIterationBatchNorm2d: num_features must be a positive int, got {num_features!r}")
     if not track_running_stats:
@@ -604,6 +648,9 @@ def _check_options(num_features: int, track_running_stats: bool, window: int, bu
         raise ValueError(f"CrossIterationBatchNorm2d: burn_in must be an int >= 0 (training iterations), got {burn_in!r}")
     if grad_path not in GRAD_PATHS:
         raise ValueError(f"CrossIterationBatchNorm2d: grad_path must be one of {sorted(GRAD_PATHS)}, got {grad_path!r}")
+    if negative_variance not in NEGATIVE_VARIANCE_RULES:
+        raise ValueError(f"CrossIterationBatchNorm2d: negative_variance must be 'clamp' (Eq. 10) or 'drop', "
+                         f"got {negative_variance!r}")
 
 
 def _check_bindable(conv: nn.Module, num_features: int, label: str) -> None:

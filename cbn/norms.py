@@ -31,8 +31,9 @@ def _frozen_bn() -> NormLayer:
     return FrozenBatchNorm2d
 
 
-def _cbn(window: int = 4, burn_in: int = 0, grad_path: str = "efficient") -> NormLayer:
-    return partial(CrossIterationBatchNorm2d, window=window, burn_in=burn_in, grad_path=grad_path)
+def _cbn(window: int = 4, burn_in: int = 0, grad_path: str = "efficient", negative_variance: str = "clamp") -> NormLayer:
+    return partial(CrossIterationBatchNorm2d, window=window, burn_in=burn_in, grad_path=grad_path,
+                   negative_variance=negative_variance)
 
 
 def _naive_cbn(window: int = 4, burn_in: int = 0) -> NormLayer:

@@ -104,5 +104,5 @@ def test_convert_keeps_each_ranks_history_out_of_ddps_broadcast():
     cbn.convert(net, window=3)
     assert net._ddp_params_and_buffers_to_ignore == [
         "0.weight", "1.history_mean", "1.history_var", "1.history_valid", "1.history_grad_mean", "1.history_grad_sq",
-        "1.nonfinite_batches"]
+        "1.nonfinite_batches", "1.compensated_entries", "1.negative_variances"]
     assert cbn.keep_statistics_per_rank(net)._ddp_params_and_buffers_to_ignore.count("1.history_mean") == 1

@@ -69,14 +69,17 @@ def test_window_one_matches_batchnorm(window, burn_in, momentum):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["conv-bias", "no-bias"])
-@pytest.mark.parametrize("compensate", [True, False], ids=["cbn", "naive-cbn"])
+@pytest.mark.parametrize("compensate, rule", [(True, "clamp"), (True, "drop"), (False, "clamp")],
+                         ids=["cbn", "cbn-drop", "naive-cbn"])
 @pytest.mark.parametrize("grad_path", ["efficient", "naive"])
-def test_matches_algorithm_1_of_the_paper(grad_path, compensate, bias):
-    """Outputs, used statistics and conv gradients equal a literal float64 Algorithm 1, step by step."""
+def test_matches_algorithm_1_of_the_paper(grad_path, compensate, rule, bias):
+    """Outputs, used statistics and conv gradients equal a literal float64 Algorithm 1, step by step,
+    under either negative-variance rule; at this learning rate most compensated variances go
+    negative, and the layer counts exactly the entries the reference finds below mu^2."""
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=bias).double()
-    layer = cbn.CrossIterationBatchNorm2d(4, affine=False, momentum=1.0, window=3, burn_in=1,
-                                          grad_path=grad_path, compensate=compensate).double().bind(conv)
-    reference = ReferenceCBN(conv, window=3, burn_in=1, eps=layer.eps, compensate=compensate)
+    layer = cbn.CrossIterationBatchNorm2d(4, affine=False, momentum=1.0, window=3, burn_in=1, grad_path=grad_path,
+                                          compensate=compensate, negative_variance=rule).double().bind(conv)
+    reference = ReferenceCBN(conv, window=3, burn_in=1, eps=layer.eps, compensate=compensate, negative_variance=rule)
     opt = torch.optim.SGD(conv.parameters(), lr=0.2, momentum=0.9)
     for t, y in enumerate(batches(7, shape=(2, 3, 9, 9), dtype=torch.float64)):
         ref_out, ref_mean, ref_var = reference(y, t)
@@ -87,10 +90,75 @@ def test_matches_algorithm_1_of_the_paper(grad_path, compensate, bias):
         assert_close(conv.weight.grad, ref_grad, rtol=1e-9, atol=1e-11)
         assert_close(layer.running_mean, ref_mean, rtol=1e-10, atol=1e-12)  # momentum 1: the used stats
         n = layer.window_entries * 2 * 5 * 5
-        assert_close(layer.running_var * (n - 1) / n, ref_var, rtol=1e-9, atol=1e-12)
-        assert layer.window_entries == min(3, max(1, t - 1 + 1)) if t >= 1 else 1
+        if rule == "clamp":  # with "drop" the entries and example count differ per channel (test below)
+            assert_close(layer.running_var * (n - 1) / n, ref_var, rtol=1e-9, atol=1e-12)
+            assert layer.window_entries == min(3, max(1, t - 1 + 1)) if t >= 1 else 1
+        assert layer.negative_variances == reference.negative
         opt.step()
         opt.zero_grad()
+    assert (reference.negative > 0) == compensate
+    assert layer.compensated_entries == (4 * (1 + 2 + 2 + 2 + 2) if compensate else 0)  # slots x channels
+
+
+def one_slot_compensated_below_zero(rule: str) -> tuple[cbn.CrossIterationBatchNorm2d, torch.Tensor, torch.Tensor]:
+    """A window of 2 whose one past entry compensates below zero in channel 0 only: between the
+    steps channel 0's filter flips sign, so its compensated mean square is L_nu(-W) - nu = -3 nu
+    while the other channels' weights, and so their compensated statistics, stay exact. Returns the
+    layer after the second step and that step's batch statistics (conv output)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=1, bias=False).double()
+    layer = cbn.CrossIterationBatchNorm2d(3, affine=False, momentum=1.0, window=2, negative_variance=rule).double().bind(conv)
+    first, second = batches(2, shape=(2, 3, 6, 6), dtype=torch.float64)
+    layer(conv(first)).sum().backward()
+    with torch.no_grad():
+        conv.weight[0].neg_()  # an in-place update: the next call is a new iteration
+    x = conv(second)
+    layer(x).sum().backward()
+    return layer, x.detach(), conv(first).detach()
+
+
+@pytest.mark.parametrize("rule", ["clamp", "drop"])
+def test_a_slot_compensated_below_zero_is_clamped_or_dropped(rule):
+    """clamp keeps the entry's (compensated) mean and counts its variance as 0; drop removes the
+    entry from that channel's window, mean and variance alike; the other channels are untouched."""
+    layer, x, past = one_slot_compensated_below_zero(rule)
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    past_mean, past_var = past.mean((0, 2, 3)), past.var((0, 2, 3), unbiased=False)  # under the current weights
+    used_mean, used_var = layer.running_mean, layer.running_var  # momentum 1: the window statistics (unbiased)
+    count = torch.tensor([1.0 if rule == "drop" else 2.0, 2.0, 2.0], dtype=torch.float64) * x[:, 0].numel()
+    both_mean = (mean + past_mean) / 2
+    both_var = (var + past_var + (mean - both_mean) ** 2 + (past_mean - both_mean) ** 2) / 2
+    assert_close(used_mean[1:], both_mean[1:], rtol=1e-12, atol=1e-12)
+    assert_close(used_var[1:] * (count[1:] - 1) / count[1:], both_var[1:], rtol=1e-10, atol=1e-12)
+    if rule == "drop":
+        assert_close(used_mean[0], mean[0], rtol=1e-12, atol=1e-12)
+        assert_close(used_var[0] * (count[0] - 1) / count[0], var[0], rtol=1e-10, atol=1e-12)
+    else:  # the mean is linear in W, so compensated exactly: channel 0's past mean is -mu_past = mu under -W
+        clamped_var = (var + 0.0 + (mean - both_mean) ** 2 + (past_mean - both_mean) ** 2) / 2
+        assert_close(used_mean[0], both_mean[0], rtol=1e-12, atol=1e-12)
+        assert_close(used_var[0] * (count[0] - 1) / count[0], clamped_var[0], rtol=1e-10, atol=1e-12)
+    weights = layer.past_statistics[2]
+    assert weights.tolist() == [[0.0 if rule == "drop" else 1.0, 1.0, 1.0]]
+    assert (int(layer.negative_variances), int(layer.compensated_entries)) == (1, 3)
+    assert cbn.negative_variance_counts(nn.Sequential(layer)) == {"0": (1, 3)}
+
+
+def test_negative_variances_are_counted_once_per_iteration_and_never_without_compensation():
+    """A second call in one iteration reuses the window (counts unchanged); Naive CBN and window 1
+    never compensate, so never count."""
+    layer, x, _ = one_slot_compensated_below_zero("clamp")
+    layer(x.clone().requires_grad_()).sum().backward()
+    assert (int(layer.negative_variances), int(layer.compensated_entries)) == (1, 3)
+    inputs = batches(5, dtype=torch.float64)
+    for kwargs in ({"compensate": False}, {"window": 1}):
+        net = conv_cbn_net(dtype=torch.float64, **kwargs)
+        train(net, inputs, lr=1.0)
+        assert all(int(m.negative_variances) == int(m.compensated_entries) == 0 for m in cbn_layers(net))
+
+
+def test_an_unknown_negative_variance_rule_is_refused():
+    with pytest.raises(ValueError, match="negative_variance must be 'clamp'"):
+        cbn.CrossIterationBatchNorm2d(4, negative_variance="zero")
 
 
 def test_naive_and_efficient_paths_give_the_same_statistics():
@@ -183,7 +251,7 @@ def test_history_memory_efficient_vs_naive_for_a_256_channel_conv():
         conv = nn.Conv2d(c, c, kernel, padding=1, bias=False)
         layer = cbn.CrossIterationBatchNorm2d(c, window=k, grad_path=grad_path).bind(conv)
         train(nn.Sequential(conv, layer), batches(k + 1, shape=(2, c, 6, 6)))
-        cache = (2 * c + 1) * (k - 1) * 4  # this iteration's compensated window and its weights
+        cache = 3 * c * (k - 1) * 4  # this iteration's compensated window and its weights, per channel
         assert layer.history_bytes() == (k - 1) * (per_step * 4 + 1) + cache
 
 
