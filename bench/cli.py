@@ -14,7 +14,7 @@ from bench.gate import commands as gate_commands
 from bench.session import console
 from bench.suite import Table, load_suite
 
-PROFILE_HELP = "sizes to run at: paper (default on CUDA), cpu (default without GPU), quick, smoke"
+PROFILE_HELP = "sizes to run at: paper (default on CUDA), cpu, quick (default without GPU), smoke"
 PROFILES_OUT = Path("results") / "profiles"
 
 
@@ -101,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
     baseline.add_argument("suites", nargs="*", metavar="SUITE",
                           help=f"suites to measure (default: those {gate_commands.THRESHOLDS} has rules for)")
     baseline.add_argument("--skip-micro", action="store_true", help="leave the micro-benchmark baseline as it is")
+    baseline.add_argument("--counts-only", action="store_true",
+                          help="take only the exact counts (FLOPs, counted bytes, dispatched ops) from this measurement "
+                               "and keep the baseline's timings, which belong to the machine that measured them")
     _measure_options(baseline)
 
     spread = sub.add_parser("spread", help="how timing metrics moved over repeated identical runs (to calibrate tolerances)")

@@ -346,9 +346,10 @@ class CrossIterationBatchNorm2d(nn.Module):
             # Finite records can still compensate to inf or nan (a gradient field that overflowed,
             # a huge weight change): such a slot drops out of this window too.
             keep = keep & _finite((mean + var).sum(1, keepdim=True))
-            negative = keep & (var < 0)
-            self.compensated_entries.add_(keep.sum() * mean.shape[1])
-            self.negative_variances.add_(negative.sum())
+            negative = torch.lt(var, constant(0.0, var.dtype)).logical_and_(keep)
+            # count_nonzero: two dispatches, where a bool sum converts to long first (seven).
+            self.compensated_entries.add_(keep.count_nonzero(), alpha=mean.shape[1])
+            self.negative_variances.add_(negative.count_nonzero())
             if self.negative_variance == "drop":
                 keep = keep & ~negative
             var = var.clamp_min(0.0)  # Eq. 10's max(nu, mu^2); a dropped entry's is zeroed below

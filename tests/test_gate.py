@@ -361,5 +361,58 @@ def test_by_default_the_gate_measures_the_suites_its_rules_guard():
     rules = thresholds.load(THRESHOLDS)
     assert commands._suites([], rules) == ["table6", "gradpath", "classify", "micro"]  # not statistics: nothing timed
     assert commands._suites(["statistics"], rules) == ["statistics"]
-    with pytest.raises(ValueError, match="unknown suite 'stats'; available: table6, gradpath, classify, statistics, micro"):
+    with pytest.raises(ValueError, match="unknown suite 'stats'; available: table6, gradpath, classify, statistics, quality, micro"):
         commands._suites(["stats"], rules)
+
+
+# ---------------------------------------------------------------------- baseline --counts-only
+def test_counts_only_takes_the_counts_and_keeps_the_timings(tmp_path):
+    def new_code_on_another_machine(data):
+        case(data, "table6", "cbn")["metrics"]["cbn_history_bytes"]["value"] += 4096
+        derived(data, "table6", "cbn/bn memory ratio")["value"] += 0.001
+        scale(data, "table6", "cbn", "train_step_time", 0.5)  # another CPU: other timings
+        derived(data, "table6", "cbn/bn train iter/s ratio")["value"] *= 2
+
+    measured = edited(tmp_path, BASELINE, new_code_on_another_machine, "measured.json")
+    baseline = tmp_path / "quick.json"
+    baseline.write_bytes(BASELINE.read_bytes())
+    commands._refresh_counts(baseline, measured)
+    old, new, refreshed = (json.loads(p.read_text()) for p in (BASELINE, measured, baseline))
+    metrics = case(refreshed, "table6", "cbn")["metrics"]
+    assert metrics["cbn_history_bytes"] == case(new, "table6", "cbn")["metrics"]["cbn_history_bytes"]
+    assert metrics["train_step_time"] == case(old, "table6", "cbn")["metrics"]["train_step_time"]
+    assert derived(refreshed, "table6", "cbn/bn memory ratio") == derived(new, "table6", "cbn/bn memory ratio")
+    assert derived(refreshed, "table6", "cbn/bn train iter/s ratio") == derived(old, "table6", "cbn/bn train iter/s ratio")
+    assert refreshed["environment"] == old["environment"]
+    assert "counts refreshed from measured.json" in case(refreshed, "table6", "cbn")["notes"]
+    assert "counts refreshed from measured.json" in baseline.with_suffix(".md").read_text()
+
+
+def test_counts_only_refreshes_the_micro_dispatch_counts_and_keeps_the_samples(tmp_path):
+    def more_ops(data):
+        bench = next(b for b in data["benchmarks"] if b["extra_info"]["norm"] == "cbn" and "aten_ops" in b["extra_info"])
+        bench["extra_info"]["aten_ops"] += 12
+        scale_micro(data, "forward+backward", "cbn", 3.0)
+
+    measured = edited(tmp_path, MICRO_BASELINE, more_ops, "measured-micro.json")
+    baseline = tmp_path / "micro.json"
+    baseline.write_bytes(MICRO_BASELINE.read_bytes())
+    commands._refresh_counts(baseline, measured)
+    old, refreshed = json.loads(MICRO_BASELINE.read_text()), json.loads(baseline.read_text())
+
+    def pick(data: dict) -> dict:
+        return next(b for b in data["benchmarks"] if b["group"] == "forward+backward" and b["extra_info"]["norm"] == "cbn")
+
+    assert pick(refreshed)["extra_info"]["aten_ops"] == pick(old)["extra_info"]["aten_ops"] + 12
+    assert pick(refreshed)["stats"] == pick(old)["stats"]
+    assert refreshed["machine_info"]["cbn_bench"]["counts_from"] == "measured-micro.json"
+    pytest_suites.load(baseline)  # still a micro file this version reads
+
+
+def test_counts_only_refuses_a_measurement_of_other_cases(tmp_path):
+    measured = edited(tmp_path, BASELINE, lambda data: data["cases"].pop(), "fewer.json")
+    baseline = tmp_path / "quick.json"
+    baseline.write_bytes(BASELINE.read_bytes())
+    with pytest.raises(sources.GateError, match="other cases .* re-measure the whole baseline"):
+        commands._refresh_counts(baseline, measured)
+    assert baseline.read_bytes() == BASELINE.read_bytes()

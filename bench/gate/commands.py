@@ -4,18 +4,20 @@ holds their arguments).
 `gate` measures the quick suites (or reads results files), compares them with the baseline of the
 same device class and profile under results/thresholds.toml, re-measures a failed timing rule once,
 and exits 0 (all rules hold), 1 (a regression or a missing metric) or 2 (a usage problem).
-`baseline` measures the same way and stores the files the gate compares with.
+`baseline` measures the same way and stores the files the gate compares with (with --counts-only,
+only the exact counts go into the stored files: bench/gate/refresh.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 from bench import env, modes, pytest_suites, report, results, session
 from bench.gate import rules as thresholds
-from bench.gate import sources
+from bench.gate import refresh, sources
 from bench.gate import verdicts as gate
 from bench.gate.sources import Source
 from bench.suite import load_suite
@@ -137,6 +139,9 @@ def baseline_command(args: argparse.Namespace) -> int:
         return 1
     for source in measured:
         target = sources.baseline_path(args.folder, source.kind, source.device_class, source.profile, source.mode)
+        if args.counts_only:
+            _refresh_counts(target, Path(source.path))
+            continue
         results.write_atomic(target, Path(source.path).read_bytes())
         markdown = Path(source.path).with_suffix(".md")
         if markdown.exists():
@@ -144,6 +149,19 @@ def baseline_command(args: argparse.Namespace) -> int:
         session.console.print(f"baseline written: {target} (from {source.path})")
     session.console.print("review the tables above, then commit the baseline files with a note in results/README.md")
     return 0
+
+
+def _refresh_counts(target: Path, measured: Path) -> None:
+    text, changes = refresh.refresh_counts(target, measured)
+    results.write_atomic(target, text)
+    if results.is_results_file(json.loads(text)):  # its Markdown report again, from the refreshed file
+        run = results.load(target)
+        suites = {name: load_suite(session.suite_registry(), name) for name in run.suites}
+        heading = f"cbn-bench baseline {target.stem} (counts refreshed from {measured.name})"
+        results.write_atomic(target.with_suffix(".md"), report.markdown(session.tables(run, suites), heading,
+                                                                        session.preamble(run)))
+    listed = "\n  ".join(changes) or "none changed"
+    session.console.print(f"baseline counts refreshed: {target} (from {measured}; timings kept)\n  {listed}")
 
 
 def spread_command(args: argparse.Namespace) -> int:
