@@ -80,6 +80,21 @@ def paired_ratio(numerator: dict[int, Sequence[float]], denominator: dict[int, S
     return Summary(len(logs), math.exp(mean), q1, q3, math.exp(mean - half), math.exp(mean + half))
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of a[i] - b[i] over pairs (e.g. two training runs with the same seed) and its 95%
+    t-interval (nan with fewer than two pairs)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference needs equally many values on each side, got {len(a)} and {len(b)}")
+    differences = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return mean, math.nan, math.nan
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return mean, mean - half, mean + half
+
+
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Least-squares slope of log(y) against log(x): the exponent of a power law."""
     import math

@@ -12,6 +12,7 @@ SUITES = {
     "gradpath": "suites.gradpath",
     "classify": "suites.classify",
     "statistics": "suites.statistics",
+    "quality": "suites.quality",
 }
 PYTEST_SUITES = {
     "micro": Path(__file__).with_name("micro.py"),

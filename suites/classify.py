@@ -21,7 +21,7 @@ from bench.metrics import Collected
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
 from suites import ratios
-from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, STEP_TIME_OVER_FLOPS, WINDOW
+from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, DEFAULT_PROFILE, STEP_TIME_OVER_FLOPS, WINDOW
 from suites.workload import TrainingWorkload, mode_caption, processes_caption, processes_label
 
 NAME = "classify"
@@ -64,7 +64,7 @@ LR = 0.1 * 4 / 256  # the paper's ImageNet rate (0.1 per 256 images), scaled to 
 
 
 def default_profile(device: str) -> str:
-    return "paper" if device == "cuda" else "cpu"
+    return DEFAULT_PROFILE["cuda" if device == "cuda" else "cpu"]
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:

@@ -30,7 +30,7 @@ from bench.metrics import Collected, count
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
 from suites import ratios
-from suites.constants import CONTROL, STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
+from suites.constants import CONTROL, DEFAULT_PROFILE, STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
 from suites.data import synthetic_batch
 from suites.models import DetectorSpec, build_detector
 from suites.workload import TrainingWorkload, mode_caption, processes_caption, processes_label
@@ -93,7 +93,7 @@ POSITIVE_FRACTION = 0.25  # torchvision's box_positive_fraction: the sampler's p
 
 
 def default_profile(device: str) -> str:
-    return "paper" if device == "cuda" else "cpu"
+    return DEFAULT_PROFILE["cuda" if device == "cuda" else "cpu"]
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:

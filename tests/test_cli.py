@@ -106,4 +106,4 @@ def test_gate_usage_errors_exit_2(capsys):
     assert cli.main(["gate", "table6", "--results", "x.json"]) == 2
     assert "not both" in capsys.readouterr().out
     assert cli.main(["gate", "nosuch"]) == 2
-    assert "unknown suite 'nosuch'; available: table6, gradpath, classify, statistics, micro" in capsys.readouterr().out
+    assert "unknown suite 'nosuch'; available: table6, gradpath, classify, statistics, quality, micro" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 against torch.func, and one smoke-sized run through the suite's workload, tables and figures."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,19 +134,65 @@ def test_sample_images_give_repeatable_natural_batches():
 
 
 def test_the_smoke_profile_runs_and_renders(tmp_path):
-    case = statistics.cases("smoke", "cpu")[0]
-    measurement = statistics.build(case, "cpu").measure()
-    metrics = measurement.metrics
-    for v in statistics.ESTIMATORS:
-        assert 0 < metrics[f"{v}.mean error"].value < 10 and 0 < metrics[f"{v}.var error"].value < 10
-    for v in statistics.VARIANTS:
-        assert metrics[f"{v}.final loss"].value > 0
-    assert 0 < metrics["truncation mu r=1"].value < 10
-    results = [CaseResult(case.suite, case.name, case.params, "ok", None, metrics, notes=measurement.notes)]
-    run = RunResult("smoke", "cpu", ["statistics"], environment(), results, [])
-    titles = [t.title for t in statistics.tables(run)]
-    assert [t.split(",")[0] for t in titles] == ["Statistics estimation error", "Taylor truncation ratios",
-                                                 "Estimation error per layer"]
+    """Both regimes at smoke size, two seeds each: per-seed and over-seed figures, the negative
+    variance rates, the paired verdicts, every table and figure."""
+    results = []
+    for case in statistics.cases("smoke", "cpu"):
+        measurement = statistics.build(case, "cpu").measure()
+        metrics = measurement.metrics
+        for v in statistics.ESTIMATORS:
+            assert 0 < metrics[f"{v}.mean error"].value < 10 and 0 < metrics[f"{v}.var error"].value < 10
+            assert metrics[f"{v}.mean error sd"].value >= 0
+            assert metrics[f"{v}.mean error"].value == pytest.approx(
+                (metrics[f"seed 0.{v}.mean error"].value + metrics[f"seed 1.{v}.mean error"].value) / 2)
+        for v in statistics.VARIANTS:
+            assert metrics[f"{v}.final loss"].value > 0
+        assert 0 <= metrics["cbn.negative variance rate"].value <= 1
+        assert any(name.startswith("cbn.negative variance rate.layer ") for name in metrics)
+        assert 0 < metrics["truncation mu r=1"].value < 10 and "seed 1.truncation mu r=1" not in metrics
+        results.append(CaseResult(case.suite, case.name, case.params, "ok", None, metrics, notes=measurement.notes))
+    assert [c.case for c in results] == ["scratch-k2-lr0.02", "settled-k2-lr0.02"]
+    derived = statistics.derive(results)
+    assert {d.name for d in derived} == {f"{c}.cbn - best other {s} error" for c in ("scratch-k2-lr0.02", "settled-k2-lr0.02")
+                                         for s in ("mean", "var")}
+    assert all(d.note in ("lower beyond noise", "higher beyond noise", "within noise") for d in derived)
+    run = RunResult("smoke", "cpu", ["statistics"], environment(), results, derived)
+    tables = statistics.tables(run)
+    assert [t.title.split(",")[0] for t in tables] == ["Statistics estimation error", "Taylor truncation ratios",
+                                                       "Estimation error per layer", "Estimation error per layer"]
+    assert [row[0] for row in tables[0].rows] == ["scratch", "settled"] and tables[0].rows[0][9].endswith("/2")
     paths = statistics.figures(run, tmp_path / "run")
-    assert [p.name for p in paths] == ["run_statistics_window.png", "run_statistics_steps.png"]
+    assert [p.name for p in paths] == [f"run_statistics_{kind}_{regime}.png" for regime in ("scratch", "settled")
+                                       for kind in ("window", "steps")]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_the_settled_regime_starts_where_a_bn_burn_in_leaves_off():
+    """settle_steps of BN training on the seed's batches, optimizer state included: every copy starts
+    from those weights (CBN after a burn-in of as many steps), with momentum buffers to match."""
+    p = statistics.PROFILES["smoke"]
+    run = statistics.SeedRun(p, 2, 0.02, "settled", seed=1, device=torch.device("cpu"))
+    torch.manual_seed(1)
+    bn = statistics.MODELS[p.model](len(images.SAMPLES))
+    opt = statistics._sgd(bn, 0.02)
+    for step in range(p.settle_steps):
+        x, y = images.batch(step, p.batch, p.image_px, seed=1)
+        nn.functional.cross_entropy(bn(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    for name, model in run.models.items():
+        assert_close(model.conv1.weight, bn.conv1.weight, rtol=0, atol=0, msg=name)
+        state = run.optimizers[name].state_dict()["state"]
+        assert_close(state[0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"], rtol=0, atol=0)
+    assert run.start == p.settle_steps
+    assert statistics.SeedRun(p, 2, 0.02, "scratch", seed=1, device=torch.device("cpu")).start == 0
+
+
+def test_a_file_from_before_regimes_and_seeds_still_renders():
+    """The committed from-scratch result (one seed, no regime): tables from its stored figures."""
+    from bench.results import load
+
+    run = load(Path(__file__).parents[1] / "results/runs/20261127T083030Z_cpu_cpu-amd-epyc.json")
+    table = statistics.tables(run)[0]
+    assert [row[:3] for row in table.rows][:2] == [["scratch", "0.01", "2"], ["scratch", "0.01", "4"]]
+    assert [row[9] for row in table.rows] == ["1/1", "0/1", "1/1", "0/1", "0/1", "1/1"]

@@ -6,6 +6,7 @@ import types
 
 import pytest
 
+from bench import session
 from bench.metrics import count, timing
 from bench.results import CaseResult, RunResult
 from bench.suite import check_suite, load_suite
@@ -27,6 +28,12 @@ def timing_case(suite, name, params, seconds, **counts):
 def test_every_registered_suite_satisfies_the_contract(name):
     suite = load_suite(SUITES, name)
     assert suite.NAME == name and suite.default_profile("cpu") in suite.PROFILES
+
+
+def test_a_run_naming_no_profile_takes_quick_on_cpu_and_paper_on_cuda():
+    # quick keeps the README's `nox -s bench` (every suite) within half an hour on 2 cores
+    assert session.plan([], None, "cpu").profile == "quick"
+    assert {load_suite(SUITES, name).default_profile("cuda") for name in SUITES} == {"paper"}
 
 
 def test_a_module_missing_part_of_the_contract_is_refused_naming_each_gap():
