@@ -1,8 +1,9 @@
-import pytest
-
 import math
 
-from bench.stats import loglog_slope, paired_ratio, ratio_of_medians, summarize
+import numpy as np
+import pytest
+
+from bench.stats import BOOTSTRAP_RESAMPLES, loglog_slope, paired_ratio, ratio_of_medians, summarize
 
 
 def test_summary_of_a_known_sample():
@@ -15,6 +16,17 @@ def test_bootstrap_is_repeatable_and_collapses_on_constant_samples():
     samples = [0.9, 1.1, 1.0, 1.3, 0.8, 1.05]
     assert summarize(samples) == summarize(samples)
     assert summarize([2.0] * 5).ci_low == summarize([2.0] * 5).ci_high == 2.0
+
+
+def test_the_interval_is_the_percentile_bootstrap_of_the_median_by_nearest_rank():
+    import statistics
+
+    samples = [0.9, 1.1, 1.0, 1.3, 0.8, 1.05, 1.2]
+    picks = np.random.default_rng(7).integers(0, len(samples), size=(BOOTSTRAP_RESAMPLES, len(samples)))
+    medians = sorted(statistics.median([samples[i] for i in row]) for row in picks)
+    last = BOOTSTRAP_RESAMPLES - 1
+    s = summarize(samples, seed=7)
+    assert (s.ci_low, s.ci_high) == (medians[round(0.025 * last)], medians[round(0.975 * last)])
 
 
 def test_ratio_of_medians_with_interval():
