@@ -1,4 +1,4 @@
-"""Sessions: tests (the default), bench, gate, micro, baseline, lock. Arguments after `--` reach the tool
+"""Sessions: tests (the default), lint, bench, gate, micro, baseline, lock. Arguments after `--` reach the tool
 each session runs."""
 
 from pathlib import Path
@@ -21,6 +21,14 @@ def tests(session: nox.Session) -> None:
     """Run the unit tests on CPU (a few minutes on 2 cores)."""
     install_project(session, "test")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(default=False)
+def lint(session: nox.Session) -> None:
+    """ruff on everything, mypy on cbn/ and bench/ (with torch's own types; pyproject.toml configures both)."""
+    install_project(session, "lint")
+    session.run("ruff", "check", ".")
+    session.run("mypy")
 
 
 @nox.session(default=False)
@@ -55,7 +63,7 @@ def baseline(session: nox.Session) -> None:
 @nox.session(default=False, reuse_venv=False)
 def lock(session: nox.Session) -> None:
     """Resolve the newest versions pyproject.toml allows and rewrite requirements/constraints.txt."""
-    session.install("-e", ".[test,dev]")
+    session.install("-e", ".[test,dev,lint]")
     frozen = session.run("python", "-m", "pip", "freeze", "--exclude-editable", silent=True)
     header = Path(CONSTRAINTS).read_text().splitlines()[:2]
     Path(CONSTRAINTS).write_text("\n".join([*header, frozen.strip()]) + "\n")

@@ -11,7 +11,7 @@ a later run with the same key reuses them and says so in each case's notes.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.modes import OPTIONS as MODE_OPTIONS
@@ -52,10 +52,10 @@ def load(folder: Path, suite: str) -> dict[str, dict]:
 
 
 def save(folder: Path, suite: str, measured: list[tuple[dict, dict]], torch_version: str,
-         torchvision_version: str | None, cbn_source: str, device_name: str) -> Path:
+         torchvision_version: str | None, cbn_source: str | None, device_name: str) -> Path:
     """Add (params, metrics) pairs to the suite's store, replacing entries of the same key."""
     entries = load(folder, suite)
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    date = datetime.now(UTC).isoformat(timespec="seconds")
     for params, metrics in measured:
         entries[key(params, torch_version, torchvision_version, cbn_source)] = {
             "params": params, "torch": release(torch_version), "torchvision": release(torchvision_version),

@@ -7,7 +7,7 @@ import platform
 import shlex
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -41,7 +41,7 @@ def capture(device: str, argv: list[str] | None = None) -> Environment:
         platform=platform.platform(),
         git_commit=_git("rev-parse", "HEAD"),
         git_dirty=None if _git("rev-parse", "HEAD") is None else bool(_git("status", "--porcelain", "--untracked-files=no")),
-        date_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        date_utc=datetime.now(UTC).isoformat(timespec="seconds"),
         command=shlex.join([Path(sys.executable).name, "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
         optional_tools={name: _version(name) or "not installed" for name in OPTIONAL_TOOLS},
         cbn_source=cbn_source_digest(),

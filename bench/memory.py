@@ -11,12 +11,20 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Callable, Iterable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 
-def storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] | None = None) -> int:
+@runtime_checkable
+class HoldsHistory(Protocol):
+    """A module that keeps state across training steps (CBN's window) and says how many bytes."""
+
+    def history_bytes(self) -> int: ...
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor | None], exclude: set[int] | None = None) -> int:
     """Bytes of the distinct storages behind tensors (views share one), minus excluded storages."""
     seen = set(exclude or ())
     total = 0
@@ -66,7 +74,7 @@ def counted_training_memory(model: nn.Module, optimizer: torch.optim.Optimizer,
         "gradients_bytes": storage_bytes(p.grad for p in params),
         "optimizer_state_bytes": storage_bytes(v for state in optimizer.state.values() for v in state.values()),
         "saved_activations_bytes": activations,
-        "cbn_history_bytes": sum(m.history_bytes() for m in model.modules() if hasattr(m, "history_bytes")),
+        "cbn_history_bytes": sum(m.history_bytes() for m in model.modules() if isinstance(m, HoldsHistory)),
     }
     optimizer.zero_grad()
     counted["counted_total_bytes"] = sum(counted.values())

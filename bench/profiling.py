@@ -82,7 +82,8 @@ def _export_gzipped(prof, trace: Path) -> None:
 def _self_time_us(event, cuda: bool) -> float:
     if not cuda:
         return event.self_cpu_time_total
-    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+    device_time = getattr(event, "self_device_time_total", None)  # older torch: self_cuda_time_total
+    return float(device_time if device_time is not None else getattr(event, "self_cuda_time_total", 0.0))
 
 
 def _label(event) -> str | None:

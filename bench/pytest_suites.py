@@ -20,10 +20,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+from bench import results
 from bench.metrics import Metric, count
 from bench.modes import Mode
-from bench import results
 from bench.results import CaseResult, Derived, Environment, ResultsFileError, RunResult, read_json, slug
 from bench.stats import quartiles, ratio_of_medians
 from bench.suite import Table
@@ -83,7 +84,7 @@ def load(path: str | Path) -> RunResult:
     return from_json(read_json(Path(path), "micro-benchmark file"), str(path))
 
 
-def from_json(data: object, path: str) -> RunResult:
+def from_json(data: Any, path: str) -> RunResult:
     info = data.get("machine_info", {}).get("cbn_bench") if is_pytest_benchmark_file(data) else None
     if not isinstance(info, dict) or info.get("schema") != SCHEMA:
         raise ResultsFileError(f"{path}: not a cbn-bench micro-benchmark file (pytest-benchmark JSON from "

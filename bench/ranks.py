@@ -101,7 +101,9 @@ def join(backend: str, timeout_s: float) -> Group:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return Group(dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo", timeout=COMMAND_WAIT))
+    commands = dist.new_group(backend="gloo", timeout=COMMAND_WAIT)
+    assert isinstance(commands, dist.ProcessGroup)  # every rank is a member
+    return Group(dist.get_rank(), dist.get_world_size(), commands)
 
 
 def leave() -> None:
@@ -118,7 +120,7 @@ def relay(group: Group, message: object) -> object:
 
 def gather(group: Group, reply: object) -> list | None:
     """Every rank's reply, by rank, on rank 0; None on the others."""
-    out = [None] * group.world_size if group.rank == 0 else None
+    out: list[object] | None = [None] * group.world_size if group.rank == 0 else None
     dist.gather_object(reply, out, dst=0, group=group.commands)
     return out
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table as RichTable
 
 from bench.suite import Table
@@ -16,7 +17,7 @@ def print_tables(tables: list[Table], console: Console | None = None) -> None:
         rich_table = RichTable(title=table.title, title_justify="left", header_style="bold")
         justify = table.justify or ["left"] + ["right"] * (len(table.columns) - 1)
         for i, column in enumerate(table.columns):
-            rich_table.add_column(column, justify=justify[i], no_wrap=i == 0)  # labels stay whole
+            rich_table.add_column(column, justify=cast(JustifyMethod, justify[i]), no_wrap=i == 0)  # labels stay whole
         for row in table.rows:
             rich_table.add_row(*row)
         console.print(rich_table)

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +175,7 @@ def save_new(run: RunResult, folder: Path, stem: str) -> Path:
 
 def stamp() -> str:
     """The UTC time that starts every stored file's name."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def slug(text: str) -> str:
@@ -269,7 +269,7 @@ UPGRADES = {0: _upgrade_0_to_1, 1: _upgrade_1_to_2, 2: _upgrade_2_to_3, 3: _upgr
             5: _upgrade_5_to_6}
 
 
-def read_json(path: Path, what: str) -> object:
+def read_json(path: Path, what: str) -> Any:  # JSON: checked by its reader
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -292,7 +292,7 @@ def is_results_file(data: object) -> bool:
     return isinstance(data, dict) and data.get("schema") == SCHEMA
 
 
-def parse(data: object, path: str) -> tuple[RunResult, int]:
+def parse(data: Any, path: str) -> tuple[RunResult, int]:
     """load_with_version for JSON already read from path."""
     if not is_results_file(data):
         raise ResultsFileError(f"{path}: not a cbn-bench results file (no \"schema\": \"{SCHEMA}\" field)")

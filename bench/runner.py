@@ -12,6 +12,7 @@ which stays up from its build to its last round, as a one-process worker does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import select
@@ -24,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import mathmodes, ranks, sampling
-from bench.results import CaseResult
 from bench.metrics import Metric, timing
+from bench.results import CaseResult
 from bench.suite import Case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,7 @@ class Worker:
         kill_tree(self._proc, self._torchrun)
 
     def _send(self, message: dict) -> None:
+        assert self._proc.stdin is not None and self._proc.stdout is not None  # both are pipes
         try:
             self._proc.stdin.write(json.dumps(message) + "\n")
             self._proc.stdin.flush()
@@ -77,6 +79,7 @@ class Worker:
             raise WorkerError(self._death_note()) from None
 
     def _receive(self, timeout_s: float) -> dict:
+        assert self._proc.stdout is not None  # a pipe
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
         if not ready:
             self._kill()
@@ -201,16 +204,16 @@ class _GroupRun:
     def run(self) -> None:
         try:
             for case in self.group:
-                self._step(case, "building", lambda c=case: self._start(c))
+                self._step(case, "building", functools.partial(self._start, case))
             for case in self._live():
-                self._step(case, "measuring (the untimed pass)", lambda c=case: self._measure(c))
+                self._step(case, "measuring (the untimed pass)", functools.partial(self._measure, case))
             self._decide_cache_policy()  # from the measured peaks, before warm-up grows the caches
             for case in self._live():
-                self._step(case, "warming up", lambda c=case: self._warmup(c))
+                self._step(case, "warming up", functools.partial(self._warmup, case))
             for r in range(max(c.rounds for c in self.group)):
                 for case in sampling.rotated(self._live(), r):
                     if r < case.rounds:
-                        self._step(case, f"timing round {r + 1}/{case.rounds}", lambda c=case, r=r: self._round(c, r))
+                        self._step(case, f"timing round {r + 1}/{case.rounds}", functools.partial(self._round, case, r))
             for case in self._live():
                 self._finish(case)
             check_identical_work(self.group, self.results)

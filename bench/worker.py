@@ -25,6 +25,7 @@ import resource
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if speaks:
             protocol.write(json.dumps(message) + "\n")
 
-    def next_request() -> dict:
+    def next_request() -> Any:  # a JSON object
         request = None
         if speaks:
             line = sys.stdin.readline()
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:  # reported to the runner: the suite goes on without this case
         if not speaks:
             traceback.print_exc()  # torchrun stops the group when this rank exits; its stderr says why
-            print(f"rank {group.rank} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            print(f"rank {group.rank if group else '?'} failed: {type(err).__name__}: {err}", file=sys.stderr)
         reply(event="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
         return 1
     return 0

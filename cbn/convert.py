@@ -119,13 +119,12 @@ def _from_batchnorm(bn: nn.modules.batchnorm._BatchNorm, **options) -> CrossIter
     )
     with torch.no_grad():
         if bn.affine:
-            layer.weight.copy_(bn.weight)
-            layer.bias.copy_(bn.bias)
-            layer.weight.requires_grad_(bn.weight.requires_grad)
-            layer.bias.requires_grad_(bn.bias.requires_grad)
+            for mine, theirs in ((layer.weight, bn.weight), (layer.bias, bn.bias)):
+                assert mine is not None and theirs is not None  # affine: both layers have them
+                mine.copy_(theirs)
+                mine.requires_grad_(theirs.requires_grad)
         if bn.track_running_stats:
-            layer.running_mean.copy_(bn.running_mean)
-            layer.running_var.copy_(bn.running_var)
-            layer.num_batches_tracked.copy_(bn.num_batches_tracked)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                getattr(layer, name).copy_(getattr(bn, name))
     layer.train(bn.training)
     return layer

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-
 REDUCE_DIMS = (0, 2, 3)  # an (N, C, H, W) tensor's dimensions other than its channels
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
+from torch.utils.hooks import RemovableHandle
 
 from cbn.functional import CrossIterationNorm, constant, stats_dtype, to_dtype
 from cbn.statgrad import GRAD_PATHS, ConvGeometry
@@ -125,6 +126,25 @@ class CrossIterationBatchNorm2d(nn.Module):
     # 3: history_offset_mean and history_offset_sq dropped (they equal mu and 2 nu; see _compensate).
     _version = 3
 
+    # Parameters and buffers (register_parameter / register_buffer), declared for type checkers.
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+    nonfinite_batches: Tensor
+    compensated_entries: Tensor
+    negative_variances: Tensor
+    # The history: None until the first record (or a loaded checkpoint); the path's fields
+    # (history_grad_mean, ...) are reached by name.
+    history_mean: Tensor | None
+    history_var: Tensor | None
+    history_valid: Tensor | None
+    # Per-step transients (_reset_transients)
+    _captured: tuple[Tensor, Tensor] | None
+    _last_clock: tuple[int, ...] | None
+    _window_cache: Any  # _UNSET, None or (means, variances, weights)
+
     def __init__(
         self,
         num_features: int,
@@ -178,7 +198,7 @@ class CrossIterationBatchNorm2d(nn.Module):
             self.register_buffer(field, None)
         self._conv: nn.Conv2d | None = None
         self._conv_name: str | None = None
-        self._conv_hook = None
+        self._conv_hook: RemovableHandle | None = None
         self._iteration = -1  # index of the current training iteration
         self._slot_iterations = [-1] * (window - 1)  # iteration held by each history slot, -1 if empty
         self._reset_transients()
@@ -297,7 +317,7 @@ class CrossIterationBatchNorm2d(nn.Module):
 
     # ------------------------------------------------------------------ iterations and history
     def _clock(self) -> tuple[int, ...]:
-        tensors = [self.weight, self.bias]
+        tensors: list[Tensor | None] = [self.weight, self.bias]
         if self._conv is not None:
             tensors += [self._conv.weight, self._conv.bias]
         versions = tuple(t._version for t in tensors if t is not None)
@@ -329,6 +349,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         """Empty the slots that left the window (after an iteration that recorded nothing), so that
         every filled slot is in the window and the window is always all slots, weighed by validity."""
         keep = self._past_slots()
+        assert self.history_valid is not None  # called once a slot was filled
         for s, it in enumerate(self._slot_iterations):
             if it >= 0 and s not in keep:
                 self.history_valid[s].fill_(False)
@@ -340,7 +361,9 @@ class CrossIterationBatchNorm2d(nn.Module):
         and their weights, (k-1, C): 1 for an entry in the window, 0 for an empty slot, a non-finite
         record or (rule "drop") a negative compensated variance; a weight-0 entry's mean and var
         are 0. Computed once per iteration, for all slots at once: no per-slot ops."""
-        mean, var, keep = self.history_mean, self.history_var, self.history_valid.unsqueeze(1)
+        mean, var, valid = self.history_mean, self.history_var, self.history_valid
+        assert mean is not None and var is not None and valid is not None  # called once a slot was filled
+        keep = valid.unsqueeze(1)
         if self.compensate:
             mean, var = self._compensate(mean, var)
             # Finite records can still compensate to inf or nan (a gradient field that overflowed,
@@ -388,7 +411,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         return to_dtype(conv.weight, dtype).contiguous(), bias
 
     @torch.no_grad()
-    def _record(self, slot: int, x: Tensor, mean: Tensor, var: Tensor, captured: tuple | None) -> None:
+    def _record(self, slot: int, x: Tensor, mean: Tensor, var: Tensor, captured: tuple[Tensor, Tensor] | None) -> None:
         """Store this iteration's statistics (and what compensating them later needs) in its slot.
 
         The entry's validity is decided on the device: a non-finite entry is stored with weight 0,
@@ -412,8 +435,9 @@ class CrossIterationBatchNorm2d(nn.Module):
                 "(cbn.convert(model) pairs them), or use compensate=False."
             )
 
-    def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple, slot: int) -> None:
+    def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple[Tensor, Tensor] | None, slot: int) -> None:
         """This step's statistic gradients, written straight into history slot ``slot``."""
+        assert captured is not None  # _begin_step checked it for every compensating record
         dtype = mean.dtype  # float32, or float64 for float64 inputs
         weight, bias = self._current_conv_params(dtype)
         path = GRAD_PATHS[self.grad_path]
@@ -475,15 +499,15 @@ class CrossIterationBatchNorm2d(nn.Module):
         channel). Reading it synchronizes with the device."""
         if self._window_cache is _UNSET:
             slots = self._past_slots()
-            return 1 + (int(self.history_valid[slots].sum()) if slots else 0)
+            return 1 + (int(self.history_valid[slots].sum()) if slots and self.history_valid is not None else 0)
         return 1 + (0 if self._window_cache is None else int(self._window_cache[2].amax(1).sum()))
 
     def _reset_transients(self) -> None:
         # A new process, a loaded checkpoint or a new binding starts a new iteration at its first
         # training forward, and holds no activations of an earlier step.
-        self._captured: tuple | None = None
-        self._last_clock: tuple[int, ...] | None = None
-        self._window_cache: Any = _UNSET
+        self._captured = None
+        self._last_clock = None
+        self._window_cache = _UNSET
 
     def _reset_history(self) -> None:
         for name in self._history_fields():

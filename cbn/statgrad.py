@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +53,14 @@ class ConvGeometry:
     def of(cls, conv: nn.Conv2d) -> ConvGeometry:
         # From the module's int attributes, not weight.shape: under jit tracing shapes are traced
         # values, which the op's int[] arguments do not accept.
+        if isinstance(conv.padding, str):
+            raise ValueError(f"padding={conv.padding!r}: CBN needs the conv's integer padding")
+        kh, kw = conv.kernel_size
         return cls(
-            weight_shape=(conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size),
-            stride=tuple(conv.stride),
-            padding=tuple(conv.padding),
-            dilation=tuple(conv.dilation),
+            weight_shape=(conv.out_channels, conv.in_channels // conv.groups, kh, kw),
+            stride=(conv.stride[0], conv.stride[1]),
+            padding=(int(conv.padding[0]), int(conv.padding[1])),
+            dilation=(conv.dilation[0], conv.dilation[1]),
             groups=conv.groups,
             has_bias=conv.bias is not None,
         )
@@ -88,10 +92,11 @@ class EfficientPath:
         if out is None:
             out = {name: x.new_empty(shape) for name, shape in EfficientPath.field_shapes(geometry).items()}
         n, _, h, w = x.shape
-        geo = [list(geometry.stride), list(geometry.padding), list(geometry.dilation), geometry.groups]
         # d nu / d theta = conv weight gradient with grad_output 2x/M, scaled as it is written out
         # (one pass over the |W|-sized result, which the copy into the history would make anyway).
-        torch.mul(weight_grad(y, x, weight, *geo), constant(2.0 / (n * h * w), x.dtype), out=out["grad_sq"])
+        grad = weight_grad(y, x, weight, list(geometry.stride), list(geometry.padding), list(geometry.dilation),
+                           geometry.groups)
+        torch.mul(grad, constant(2.0 / (n * h * w), x.dtype), out=out["grad_sq"])
         out["grad_mean"].copy_(patch_mean(y, geometry, (h, w)))
         return out
 
@@ -146,7 +151,8 @@ def _grid_selectors(kernel_hw: tuple[int, int], stride: tuple[int, int], padding
     """patch_mean's (kh, H) row selector and (W, kw) column selector, the latter scaled by 1/M, made
     once per shape and device (inference's eval mode never calls it; a few dozen shapes cover a
     multi-scale detector)."""
-    rows, columns = (_selector(*along, dtype, device) for along in zip(kernel_hw, in_hw, out_hw, stride, padding, dilation))
+    rows, columns = (_selector(kernel_hw[i], in_hw[i], out_hw[i], stride[i], padding[i], dilation[i], dtype, device)
+                     for i in (0, 1))
     return rows, columns.t().mul(1.0 / (n * out_hw[0] * out_hw[1])).contiguous()
 
 
@@ -167,7 +173,7 @@ class NaivePath:
     @staticmethod
     def field_shapes(geometry: ConvGeometry) -> dict[str, tuple[int, ...]]:
         c_out = geometry.weight_shape[0]
-        shapes = {
+        shapes: dict[str, tuple[int, ...]] = {
             "jac_mean_weight": (c_out, *geometry.weight_shape),
             "jac_sq_weight": (c_out, *geometry.weight_shape),
         }
@@ -215,10 +221,31 @@ class NaivePath:
         return lin_mean, lin_sq
 
 
-GRAD_PATHS = {"efficient": EfficientPath, "naive": NaivePath}
+class GradPath(Protocol):
+    """What the layer asks of a statistic-gradient path; EfficientPath and NaivePath (the classes
+    themselves) implement it."""
+
+    name: str
+
+    def field_shapes(self, geometry: ConvGeometry) -> dict[str, tuple[int, ...]]:
+        """The history fields one recorded iteration keeps, by name, with their shapes."""
+        ...
+
+    def compute(self, y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry,
+                out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The fields of the iteration whose conv mapped y to x with (weight, bias)."""
+        ...
+
+    def linear(self, fields: dict[str, Tensor], weight: Tensor, bias: Tensor | None,
+               mean: Tensor) -> tuple[Tensor, Tensor]:
+        """(L_mu, L_nu) at (weight, bias), each (S, C), for S stacked recorded iterations."""
+        ...
 
 
-def linear_at(path, fields: dict[str, Tensor], weight: Tensor, bias: Tensor | None, mean: Tensor) -> tuple[Tensor, Tensor]:
+GRAD_PATHS: dict[str, GradPath] = {"efficient": EfficientPath, "naive": NaivePath}
+
+
+def linear_at(path: GradPath, fields: dict[str, Tensor], weight: Tensor, bias: Tensor | None, mean: Tensor) -> tuple[Tensor, Tensor]:
     """(L_mu, L_nu), each (C,), of one recorded iteration: path.linear on a stack of one."""
     one_slot = {name: value.view(1, *value.shape) for name, value in fields.items()}
     lin_mean, lin_sq = path.linear(one_slot, weight, bias, mean.view(1, -1))

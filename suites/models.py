@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import resnet101, resnet50
+from torchvision.models import resnet50, resnet101
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor

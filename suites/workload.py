@@ -22,12 +22,11 @@ import torch
 from torch import nn
 
 from bench import flops, memory, ranks
-from bench.sampling import keep_last
-from bench.modes import Mode, optimizer_step
 from bench.metrics import Collected, Metric, count, peak
+from bench.modes import Mode, optimizer_step
+from bench.sampling import keep_last
 from bench.timing import synchronize, time_call
 from suites.constants import WINDOW
-
 
 # Dynamo compiles a frame once per distinct layer shape after each CBN graph break (see
 # CrossIterationBatchNorm2d's docstring); 8, its default, leaves a ResNet's later layers eager.

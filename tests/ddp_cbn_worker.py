@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from helpers import cbn_layers, conv_cbn_net
 from torch import nn
 
 import cbn
-from helpers import cbn_layers, conv_cbn_net
 
 STEPS = 4
 MORE = 3  # steps after a resume

@@ -7,9 +7,8 @@ import copy
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
-
 from helpers import batches, cbn_layers, conv_cbn_net, train
+from torch._dynamo.utils import counters
 
 HISTORY = ("history_mean", "history_var", "history_grad_sq", "history_valid", "running_mean", "running_var")
 

@@ -5,6 +5,7 @@ import pytest
 from bench import counts
 from bench.results import ResultsFileError
 
+
 def lookup(folder, suite, params, torch_version, torchvision_version, cbn_source="abc"):
     """What a run finds for a case (bench/session.py's known_counts: the store loaded once, then by key)."""
     return counts.load(folder, suite).get(counts.key(params, torch_version, torchvision_version, cbn_source))

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import batches, cbn_layers, conv_cbn_net, train
 
 import cbn
-from helpers import batches, cbn_layers, conv_cbn_net, train
 
 HERE = Path(__file__).resolve().parent
 

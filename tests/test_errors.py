@@ -4,10 +4,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import batches, cbn_layers, conv_cbn_net, train
 from torch import nn
 
 import cbn
-from helpers import batches, cbn_layers, conv_cbn_net, train
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -4,12 +4,11 @@ import copy
 
 import pytest
 import torch
+from helpers import batches, cbn_layers, conv_cbn_net, train
 from torch import nn
 from torch.testing import assert_close
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
-
-from helpers import batches, cbn_layers, conv_cbn_net, train
 
 
 def history(net: nn.Module) -> list[dict]:

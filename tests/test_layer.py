@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers import batches, cbn_layers, conv_cbn_net, train
+from reference_cbn import ReferenceCBN
 from torch import nn
 from torch.testing import assert_close
 
 import cbn
-from helpers import batches, cbn_layers, conv_cbn_net, train
-from reference_cbn import ReferenceCBN
 
 
 def bn_net_like(net: nn.Module) -> nn.Sequential:

@@ -5,12 +5,12 @@ runs them first on a GPU)."""
 
 import pytest
 import torch
+from helpers import DEVICES, batches, cbn_layers, conv_cbn_net, train
+from reference_cbn import ReferenceCBN
 from torch import nn
 from torch.testing import assert_close
 
 import cbn
-from helpers import DEVICES, batches, cbn_layers, conv_cbn_net, train
-from reference_cbn import ReferenceCBN
 
 
 def _against_algorithm_1(device: str, dtype: torch.dtype, autocast: torch.dtype | None = None):

@@ -14,8 +14,8 @@ from bench.gate.sources import GateError
 from bench.modes import Mode
 from bench.suite import load_suite
 from suites import classify, table6
-from suites.micro import LayerStep
 from suites.constants import WINDOW
+from suites.micro import LayerStep
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_BASELINE = ROOT / "results" / "baselines" / "cpu" / "micro.json"

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from test_results import environment
 from torch import nn
 
 import cbn
 from bench.results import CaseResult, Derived, RunResult
 from suites import images, minitrain, quality
-from test_results import environment
 
 
 def test_bn_at_k_times_m_sees_the_m_runs_batches_k_at_a_time():

@@ -15,7 +15,6 @@ from bench.runner import run_cases
 from bench.suite import Case
 
 
-
 def test_memory_reduces_to_the_largest_rank_and_other_counts_to_the_mean():
     assert ranks.reduce_metric([peak(100.0), peak(300.0)]) == Metric(300.0, "peak", "byte", per_rank=(100.0, 300.0))
     assert ranks.reduce_metric([count(10.0, "byte"), count(12.0, "byte")]).value == 12.0

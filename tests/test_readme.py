@@ -21,7 +21,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert readme_commands()[1] in ci_lines
 
 
-def test_ci_runs_the_gate_after_the_tests():
+def test_ci_runs_the_linters_and_the_gate_after_the_tests():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     tests_line = ci_lines.index(readme_commands()[1])
-    assert ci_lines[tests_line + 1:] == ["python3 -m nox -s gate"]
+    assert ci_lines[tests_line + 1:] == ["python3 -m nox -s lint", "python3 -m nox -s gate"]

@@ -33,7 +33,7 @@ def version_3(run: RunResult) -> dict:
         metrics = case["metrics"]
         case["samples"] = {"train_step_s": metrics["train_step_time"]["samples"]} if "train_step_time" in metrics else {}
         flat = {name: m["value"] for name, m in metrics.items() if m["kind"] != "timing"}
-        for name, m in metrics.items():
+        for m in metrics.values():
             if m["kind"] == "timing":
                 flat.update({f"train_step_{stat}_s": m["summary"][stat] for stat in ("median", "q1", "q3", "ci_low", "ci_high")})
         case["metrics"] = flat

@@ -5,11 +5,11 @@ import io
 
 import pytest
 import torch
+from helpers import batches, cbn_layers, conv_cbn_net, train
 from torch import nn
 from torch.testing import assert_close
 
 import cbn
-from helpers import batches, cbn_layers, conv_cbn_net, train
 
 
 def save_load(obj):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_results import environment
 from torch import nn
 from torch.func import functional_call, jacrev
 from torch.testing import assert_close
@@ -13,7 +14,6 @@ from torch.testing import assert_close
 import cbn
 from bench.results import CaseResult, RunResult
 from suites import estimation, images, statistics
-from test_results import environment
 
 
 def one_conv_net() -> nn.Sequential:

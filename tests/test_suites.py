@@ -5,6 +5,7 @@ import dataclasses
 import types
 
 import pytest
+from test_results import environment
 
 from bench import session
 from bench.metrics import count, timing
@@ -12,7 +13,6 @@ from bench.results import CaseResult, RunResult
 from bench.suite import check_suite, load_suite
 from suites import SUITES, classify, gradpath, table6
 from suites.constants import AGREEMENT_TOLERANCE
-from test_results import environment
 
 
 def timing_case(suite, name, params, seconds, **counts):

@@ -6,8 +6,13 @@ import pytest
 
 from bench.gate import rules as thresholds
 from bench.gate.rules import ThresholdsError
-from suites.constants import (CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, CONTROL_MARGIN, STEP_TIME_OVER_FLOPS,
-                             STEP_TIME_OVER_FLOPS_TARGET)
+from suites.constants import (
+    CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET,
+    CONTROL,
+    CONTROL_MARGIN,
+    STEP_TIME_OVER_FLOPS,
+    STEP_TIME_OVER_FLOPS_TARGET,
+)
 
 COMMITTED = Path(__file__).resolve().parents[1] / "results" / "thresholds.toml"
 

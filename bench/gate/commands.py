@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 
 from bench import env, modes, pytest_suites, report, results, session
-from bench.gate import rules as thresholds
 from bench.gate import refresh, sources
+from bench.gate import rules as thresholds
 from bench.gate import verdicts as gate
 from bench.gate.sources import Source
 from bench.suite import load_suite

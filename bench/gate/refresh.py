@@ -51,13 +51,13 @@ def _refresh_run(old: RunResult, new: RunResult, source: Path) -> tuple[str, lis
         cases.append(dataclasses.replace(case, metrics=metrics, notes=notes))
     derived_new = {(d.suite, d.name): d for d in new.derived if d.kind == "count"}
     derived = []
-    for d in old.derived:
-        update = derived_new.get((d.suite, d.name))
-        if update is not None and d.kind == "count":
-            if update.value != d.value:
-                changes.append(f"{d.suite}.{d.name}: {d.value:g} -> {update.value:g}")
-            d = update
-        derived.append(d)
+    for figure in old.derived:
+        fresh_figure = derived_new.get((figure.suite, figure.name))
+        if fresh_figure is not None and figure.kind == "count":
+            if fresh_figure.value != figure.value:
+                changes.append(f"{figure.suite}.{figure.name}: {figure.value:g} -> {fresh_figure.value:g}")
+            figure = fresh_figure
+        derived.append(figure)
     return results.to_json(dataclasses.replace(old, cases=cases, derived=derived)), changes
 
 

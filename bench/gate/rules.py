@@ -24,6 +24,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _NUMBER = r"[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?"
 _RULE = re.compile(
@@ -75,7 +76,7 @@ class Rule:
             return False
         limit = self.limit(baseline)
         if self.sign == "±":
-            return abs(current - baseline) <= limit
+            return baseline is not None and abs(current - baseline) <= limit
         return {"==": current == limit, ">=": current >= limit, "<=": current <= limit}[self.op]
 
 
@@ -133,9 +134,9 @@ def _is_per_device(value: object) -> bool:
     return isinstance(value, dict) and bool(value) and set(value) <= set(DEVICES)
 
 
-def _flatten(table: dict, prefix: str = "") -> list[tuple[str, object]]:
+def _flatten(table: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """Unquoted dotted keys (cbn.train_step_flops = ...) come back as nested tables: join them again."""
-    out = []
+    out: list[tuple[str, Any]] = []
     for key, value in table.items():
         name = f"{prefix}{key}"
         nested = isinstance(value, dict) and not _is_per_device(value)

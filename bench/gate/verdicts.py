@@ -62,7 +62,8 @@ def evaluate(rules: list[Rule], baselines: list[Source], currents: list[Source])
 
 
 def judge(rule: Rule, name: str, base: Metric | None, now: Metric | None, absent: dict[str, str]) -> Verdict:
-    timing = (now or base).timing
+    known = now or base
+    timing = known is not None and known.timing
     b = None if base is None else base.value
     if now is None:
         return Verdict(name, rule, "missing", b, None, timing, note=_why_absent(name, absent))
