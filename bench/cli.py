@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench import counts, env, modes, profiling, pytest_suites, ranks, report, results, session
+from bench import counts, env, profiling, pytest_suites, ranks, report, results, session, training_modes
 from bench.gate import commands as gate_commands
 from bench.session import console
 from bench.suite import Table, load_suite
@@ -119,8 +119,8 @@ def _suite_options(p: argparse.ArgumentParser) -> None:
 
 
 def _mode_options(p: argparse.ArgumentParser) -> None:
-    """The training mode (bench/modes.py), for the suites that take it (table6, classify, micro)."""
-    p.add_argument("--precision", choices=list(modes.PRECISIONS), help="fp32 (default), or bf16 / fp16 autocast "
+    """The training mode (bench/training_modes.py), for the suites that take it (table6, classify, micro)."""
+    p.add_argument("--precision", choices=list(training_modes.PRECISIONS), help="fp32 (default), or bf16 / fp16 autocast "
                    "(fp16 with a GradScaler, CUDA only); same as --set precision=...")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (table6: the conv stacks)")
@@ -249,7 +249,7 @@ def _profiled_cases(args: argparse.Namespace, norms: list[str], device: str) -> 
     if args.suite == "micro":
         from suites import micro as micro_suite
 
-        return micro_suite.cases(norms, modes.from_args(args).check(device)), "suites.micro", device
+        return micro_suite.cases(norms, training_modes.from_args(args).check(device)), "suites.micro", device
     registry = session.suite_registry()
     p = session.plan(["table6"], args.profile, device, options=suite_options(args, {"table6": load_suite(registry, "table6")}))
     by_name = {c.name: c for c in p.cases}
@@ -263,7 +263,7 @@ def micro(args: argparse.Namespace) -> int:
     out = args.out
     session.check_writable(out)
     device = args.device or env.best_device()
-    measured, path = pytest_suites.run("micro", device, out, args.threads, modes.from_args(args).check(device))
+    measured, path = pytest_suites.run("micro", device, out, args.threads, training_modes.from_args(args).check(device))
     report.print_tables([pytest_suites.table(measured, str(path))], console)
     console.print(f"results written to:\n  {path}")
     return 0
@@ -273,7 +273,7 @@ def suite_options(args: argparse.Namespace, suites: dict) -> dict[str, dict[str,
     """Each suite's share of --set KEY=VALUE (and its shorthands and mode flags); a key no suite
     takes is an error."""
     pairs = list(args.set) + [f"{k}={getattr(args, k)}" for k in SHORTHANDS if getattr(args, k, None)]
-    pairs += [f"{k}={v}" for k, v in modes.from_args(args).options().items() if v != modes.OPTIONS[k][0]]
+    pairs += [f"{k}={v}" for k, v in training_modes.from_args(args).options().items() if v != training_modes.OPTIONS[k][0]]
     options: dict[str, dict[str, str]] = {name: {} for name in suites}
     for pair in pairs:
         key, sep, value = pair.partition("=")

@@ -14,8 +14,8 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.modes import OPTIONS as MODE_OPTIONS
 from bench.results import ResultsFileError, read_json, write_atomic
+from bench.training_modes import OPTIONS as MODE_OPTIONS
 
 SCHEMA = "cbn-bench/counts"
 SCHEMA_VERSION = 1
@@ -29,7 +29,7 @@ def release(version: str | None) -> str | None:
 
 def key(params: dict, torch_version: str, torchvision_version: str | None, cbn_source: str | None) -> str:
     # Counts do not depend on the training mode: autocast and channels_last change no operation's
-    # shape, and compiled runs are counted eagerly (bench/modes.py).
+    # shape, and compiled runs are counted eagerly (bench/training_modes.py).
     params = {k: v for k, v in params.items() if k not in MODE_OPTIONS}
     return json.dumps({"params": params, "torch": release(torch_version), "torchvision": release(torchvision_version),
                        "cbn_source": cbn_source}, sort_keys=True)

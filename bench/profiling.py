@@ -123,11 +123,11 @@ SCHEMA_VERSION = 1
 def run(cases: list, suite_module: str, device: str, kinds: list[str], steps: int, memory: bool,
         stem: Path) -> dict[str, dict[str, dict]]:
     """case name -> kind -> summary, each case profiled alone in its own worker."""
-    from bench.runner import Worker, WorkerError
+    from bench.runner import WorkerError, WorkerProcess
 
     found = {}
     for case in cases:
-        worker = Worker(case, suite_module, device, None)
+        worker = WorkerProcess(case, suite_module, device, None)
         try:
             worker.request("warmup")  # CBN's window full, caches and algorithms settled
             reply = worker.request("profile", kinds=kinds, steps=steps, memory=memory, stem=f"{stem}_{case.name}")

@@ -24,10 +24,10 @@ from typing import Any
 
 from bench import results
 from bench.metrics import Metric, count
-from bench.modes import Mode
 from bench.results import CaseResult, Derived, Environment, ResultsFileError, RunResult, read_json, slug
 from bench.stats import quartiles, ratio_of_medians
 from bench.suite import Table
+from bench.training_modes import Mode
 
 SCHEMA = "cbn-bench/micro"
 SCHEMA_VERSION = 1

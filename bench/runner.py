@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import mathmodes, ranks, sampling
+from bench import cuda_math, ranks, sampling
 from bench.metrics import Metric, timing
 from bench.results import CaseResult
 from bench.suite import Case
@@ -36,7 +36,7 @@ class WorkerError(RuntimeError):
     pass
 
 
-class Worker:
+class WorkerProcess:
     """A `python -m bench.worker` process holding one built case, or, for a case with nproc > 1,
     the torchrun that holds its group of workers (rank 0 speaks for them)."""
 
@@ -50,7 +50,7 @@ class Worker:
         self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                       text=True, env=worker_env(), start_new_session=True)
         start = {"case": dataclasses.asdict(case), "suite_module": suite_module, "device": device, "threads": threads,
-                 "math_modes": mathmodes.DEFAULT.to_dict(), "known_counts": known_counts}
+                 "math_modes": cuda_math.DEFAULT.to_dict(), "known_counts": known_counts}
         self._send(start)
         self._receive(case.timeout_s)
 
@@ -193,7 +193,7 @@ class _GroupRun:
         self.group, self.suite_modules, self.device, self.threads = group, suite_modules, device, threads
         self.known_counts, self.nodes = known_counts, nodes
         self.hook, self.results = hook, results
-        self.workers: dict[str, Worker] = {}
+        self.workers: dict[str, WorkerProcess] = {}
         self.measured: dict[str, dict] = {}
         self.samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.sample_rounds: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
@@ -239,7 +239,7 @@ class _GroupRun:
         self.hook.advance()
 
     def _start(self, case: Case) -> None:
-        self.workers[case.name] = Worker(case, self.suite_modules[case.suite], self.device, self.threads,
+        self.workers[case.name] = WorkerProcess(case, self.suite_modules[case.suite], self.device, self.threads,
                                          self.known_counts.get((case.suite, case.name)), self.nodes,
                                          self.group.index(case))
 
@@ -319,7 +319,7 @@ def check_identical_work(group: list[Case], results: dict[tuple[str, str], CaseR
                 other, status="error", error=f"did other work than {first.case}, so it cannot be compared: {text}")
 
 
-def follow(cases: list[Case], device: str, nodes: ranks.Nodes, hook: ProgressHook | None = None) -> list[str]:
+def follow_node_zero(cases: list[Case], device: str, nodes: ranks.Nodes, hook: ProgressHook | None = None) -> list[str]:
     """Node rank > 0 of a run on several nodes: start this node's share of each group's cases, as
     node 0 starts its own, and wait for them to end; node 0's rank 0 relays its commands to them.
     Returns a line per case whose share here did not end cleanly (its error is in node 0's results)."""

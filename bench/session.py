@@ -17,8 +17,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bench import counts, env, journal, mathmodes, ranks, report, results, runner
-from bench.runner import ProgressHook, Worker, run_cases, steps
+from bench import counts, cuda_math, env, journal, ranks, report, results, runner
+from bench.runner import ProgressHook, WorkerProcess, run_cases, steps
 from bench.suite import Case, load_suite
 
 SUITES_PACKAGE = "suites"  # a package whose SUITES maps suite names to modules
@@ -99,7 +99,7 @@ def execute(p: Plan, threads: int | None, out: Path) -> tuple[results.RunResult,
     if threads:
         torch.set_num_threads(threads)  # the workers' count, so the environment records it
     if p.device.startswith("cuda"):
-        mathmodes.DEFAULT.apply()  # as in every worker, so the environment records what was used
+        cuda_math.DEFAULT.apply()  # as in every worker, so the environment records what was used
     environment = env.capture(p.device)
     per_case = f", {p.nproc} processes each ({ranks.backend_for(p.device)}, torchrun)" if p.nproc > 1 else ""
     console.print(f"cbn-bench: {len(p.cases)} cases of {', '.join(p.names)} at profile [bold]{p.profile}[/bold] "
@@ -157,7 +157,7 @@ def count(p: Plan, threads: int | None, folder: Path) -> list[Path]:
         for case in (c for c in p.cases if c.suite == name):
             started = time.perf_counter()
             console.print(f"{name}/{case.name}: counting ...", highlight=False)
-            worker = Worker(case, suite_registry()[name], p.device, threads)
+            worker = WorkerProcess(case, suite_registry()[name], p.device, threads)
             try:
                 reply = worker.request("measure")
             finally:
@@ -194,7 +194,7 @@ def follow(p: Plan) -> int:
     processes here failed (node 0's results hold the error)."""
     console.print(f"cbn-bench: node {p.nodes.rank} of {p.nodes.count}, {p.nproc} processes per case, following node 0 "
                   f"at {p.nodes.master_addr}; node 0 writes the results")
-    failures = runner.follow(p.cases, p.device, p.nodes, ProgressHook(describe=lambda text: console.print(text)))
+    failures = runner.follow_node_zero(p.cases, p.device, p.nodes, ProgressHook(describe=lambda text: console.print(text)))
     for line in failures:
         console.print(f"[red]{line}[/red]")
     return 1 if failures else 0

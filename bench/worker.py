@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from bench import ranks
-from bench.mathmodes import MathModes
+from bench.cuda_math import CudaMath
 from bench.profiling import profile_steps
 from bench.suite import Case
 
@@ -135,7 +135,7 @@ def profiled(workload, request: dict, device: torch.device) -> dict[str, dict]:
 def _apply_limits(case: Case, start: dict) -> None:
     torch.manual_seed(0)
     if start.get("math_modes") and start["device"].startswith("cuda"):
-        MathModes(**start["math_modes"]).apply()
+        CudaMath(**start["math_modes"]).apply()
     if start.get("threads"):
         torch.set_num_threads(int(start["threads"]))
     if case.memory_limit_bytes:

@@ -16,7 +16,7 @@ import torchvision
 from torch import nn
 
 import cbn
-from bench import modes, ranks
+from bench import ranks, training_modes
 from bench.metrics import Collected
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
@@ -58,7 +58,7 @@ NORMS = {
     "naive_cbn": ("naive_cbn", {"window": WINDOW}, f"Naive CBN k={WINDOW}"),
     CONTROL: ("bn", {}, "BN (A/A control)"),  # BN again: its ratios to BN are the run's noise
 }
-OPTIONS = dict(modes.OPTIONS)
+OPTIONS = dict(training_modes.OPTIONS)
 COUNTS: dict[str, str] = {}  # counted in each run: a classification step is cheap to count
 LR = 0.1 * 4 / 256  # the paper's ImageNet rate (0.1 per 256 images), scaled to 4 images
 
@@ -68,7 +68,7 @@ def default_profile(device: str) -> str:
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
-    mode = modes.Mode.of(resolve_options(NAME, OPTIONS, options)).check(device)
+    mode = training_modes.Mode.of(resolve_options(NAME, OPTIONS, options)).check(device)
     p = PROFILES[profile]
     return [
         Case(NAME, f"{model}/{name}", {"profile": profile, "settings": settings(p), "model": model, "norm": name,
@@ -108,7 +108,7 @@ class ClassifyWorkload(TrainingWorkload):
         self.distribute()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
         self.steps_done = 0
-        self.mode = modes.Mode.of(params)
+        self.mode = training_modes.Mode.of(params)
         self.enter_mode()
 
     def loss(self) -> torch.Tensor:
@@ -156,7 +156,7 @@ def tables(run: RunResult) -> list[Table]:
         rows = [_row(c, derived) for c in cases_here if c.params["model"] == model]
         p = profile_of(cases_here[0].params)
         title = (f"Classification, profile {run.profile}: {_model_label(model)}, every BN replaced, "
-                 f"{p.images_per_device} x {p.image_px}x{p.image_px} images, {modes.Mode.of(cases_here[0].params).label}, "
+                 f"{p.images_per_device} x {p.image_px}x{p.image_px} images, {training_modes.Mode.of(cases_here[0].params).label}, "
                  f"on {run.environment.device_name}{processes_label(cases_here[0].params)}")
         out.append(Table(title, ["norm", *ratios.COLUMNS], rows, _caption(run, model, derived)))
     return out
@@ -185,7 +185,7 @@ def _caption(run: RunResult, model: str, derived: dict[str, Derived]) -> list[st
         f"iter/s: 1 / median of {ratios.samples(cases_here)} samples from {ratios.rounds(cases_here)} interleaved rounds "
         f"({ratios.sampling_text(cases_here, run.device)}); ratios to BN paired by round (geometric mean of the "
         "rounds' ratios, 95% t-interval); random weights, synthetic images, SGD with momentum; GN: 32 groups",
-        *mode_caption(modes.Mode.of(cases_here[0].params), "the whole model"),
+        *mode_caption(training_modes.Mode.of(cases_here[0].params), "the whole model"),
         *processes_caption(cases_here[0].params),
     ]
     lines += ratios.control_caption(f"{model}.", derived, run.device)

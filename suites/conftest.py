@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench import env
-from bench.modes import OPTIONS, Mode
+from bench.training_modes import OPTIONS, Mode
 
 MICRO_SCHEMA = "cbn-bench/micro"
 MICRO_SCHEMA_VERSION = 1
@@ -21,7 +21,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("cbn-bench micro-benchmarks")
     group.addoption("--micro-device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     group.addoption("--micro-threads", type=int, help="torch CPU threads (default: torch's)")
-    for key, values in OPTIONS.items():  # the training mode (bench/modes.py)
+    for key, values in OPTIONS.items():  # the training mode (bench/training_modes.py)
         group.addoption(f"--micro-{key.replace('_', '-')}", choices=values, default=values[0], help=f"default: {values[0]}")
 
 

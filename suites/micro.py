@@ -10,7 +10,7 @@ stores pytest-benchmark's JSON under results/runs/; the unit tests never run the
 BN's, measured in the same run.
 
 ``--micro-precision``, ``--micro-channels-last`` and ``--micro-compile`` (what ``python -m bench micro
---precision bf16 --channels-last --compile`` passes) run the step in a training mode (bench/modes.py):
+--precision bf16 --channels-last --compile`` passes) run the step in a training mode (bench/training_modes.py):
 autocast around the forward, the block and its tensors channels_last, the block compiled in place
 (``nn.Module.compile``). Dispatch counts are taken in eager modes only: a compiled step's aten
 calls are inductor's kernels, not the layer's dispatches.
@@ -26,8 +26,8 @@ from torch import nn
 
 import cbn
 from bench.dispatch import count_dispatches
-from bench.modes import Mode
 from bench.suite import Case
+from bench.training_modes import Mode
 from suites.constants import CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE, WINDOW
 from suites.gradpath import naive_bytes_estimate
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 
-from bench import counts, modes, ranks
+from bench import counts, ranks, training_modes
 from bench.metrics import Collected, count
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
@@ -84,7 +84,7 @@ NORMS = {
     CONTROL: ("bn", {}, "BN (A/A control)"),  # BN again: its ratios to BN are the run's noise
 }
 PAPER_RATIOS = {"gn": (1.00, 1.023, 0.92, 0.60), "cbn": (1.07, 1.127, 0.77, 1.00)}
-OPTIONS = {"arch": ("mask_rcnn", "faster_rcnn"), "depth": ("50", "101"), "placement": ("heads", "all"), **modes.OPTIONS}
+OPTIONS = {"arch": ("mask_rcnn", "faster_rcnn"), "depth": ("50", "101"), "placement": ("heads", "all"), **training_modes.OPTIONS}
 BASE_LR = 0.02
 SYNCBN_ON_CPU = ("not measured: torch's SyncBatchNorm synchronizes CUDA (or XPU) tensors only and refuses CPU ones; "
                  "BN, GN and CBN run across the processes")
@@ -98,7 +98,7 @@ def default_profile(device: str) -> str:
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
     options = resolve_options(NAME, OPTIONS, options)
-    modes.Mode.of(options).check(device)
+    training_modes.Mode.of(options).check(device)
     p = PROFILES[profile]
     out = []
     for name in p.norms:
@@ -147,7 +147,7 @@ class DetectionWorkload(TrainingWorkload):
         self.distribute()
         trainable = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = torch.optim.SGD(trainable, lr=BASE_LR, momentum=0.9, weight_decay=1e-4)
-        self.mode = modes.Mode.of(params)
+        self.mode = training_modes.Mode.of(params)
         self.enter_mode()
         # Detectron's linear warm-up (factor 0.001 over 1000 iterations): the benchmark's few dozen
         # steps stay in it, so random-weight training does not diverge.
@@ -294,7 +294,7 @@ def tables(run: RunResult) -> list[Table]:
     p = profile_of(params)
     rows = [_row(c, derived) for c in cases_here]
     arch = "Mask R-CNN" if params["arch"] == "mask_rcnn" else "Faster R-CNN"
-    mode = modes.Mode.of(params)
+    mode = training_modes.Mode.of(params)
     title = (f"Table 6, profile {run.profile}: {arch} R{params['depth']}-FPN, norm in {_placement(params['placement'])}, "
              f"{p.images_per_device} x {p.width_px}x{p.height_px} images, {p.sampled_rois_per_image} RoIs/image, "
              f"{mode.label}, on {run.environment.device_name}{processes_label(params)}")
@@ -334,7 +334,7 @@ def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
         "GN: 32 groups; CBN: efficient statistic-gradient path; -: frozen BN backbone and no norm in FPN and heads",
         _syncbn_caption(cases_here[0].params, run.device),
         *processes_caption(cases_here[0].params),
-        *mode_caption(modes.Mode.of(cases_here[0].params), "the conv stacks (backbone with FPN, box head, mask head); "
+        *mode_caption(training_modes.Mode.of(cases_here[0].params), "the conv stacks (backbone with FPN, box head, mask head); "
                       "the RPN and the RoI heads' sampling run eagerly"),
     ]
     lines += ratios.control_caption("", derived, run.device)

@@ -4,7 +4,7 @@ consecutive training steps, then a block of consecutive inference calls on the w
 left (frozen for the block, as in evaluation), each block with the same discarded and kept calls.
 
 A subclass sets ``model``, ``optimizer``, ``device``, ``profile`` (with ``warmup_steps``),
-``images`` (what inference feeds the model) and ``mode`` (bench/modes.py), defines ``loss()`` (its
+``images`` (what inference feeds the model) and ``mode`` (bench/training_modes.py), defines ``loss()`` (its
 forward through ``trained()``), and calls ``enter_mode()`` once the model and images exist and
 ``distribute()`` before building the optimizer. On several processes (bench/ranks.py) training
 steps run through DistributedDataParallel, each rank on its own data; inference runs each rank's
@@ -23,9 +23,9 @@ from torch import nn
 
 from bench import flops, memory, ranks
 from bench.metrics import Collected, Metric, count, peak
-from bench.modes import Mode, optimizer_step
 from bench.sampling import keep_last
 from bench.timing import synchronize, time_call
+from bench.training_modes import Mode, optimizer_step
 from suites.constants import WINDOW
 
 # Dynamo compiles a frame once per distinct layer shape after each CBN graph break (see

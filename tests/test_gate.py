@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from bench import cli, pytest_suites
-from bench.gate import commands, sources, verdicts
-from bench.gate import rules as thresholds
-from bench.gate.sources import Metric, Source
-from bench.modes import Mode
+from bench.gate import commands, sources, thresholds, verdicts
+from bench.gate.sources import GatedValue, Source
+from bench.training_modes import Mode
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "results" / "baselines" / "cpu" / "quick.json"
@@ -191,7 +190,7 @@ def test_no_baseline_for_this_device_class_is_a_usage_error(tmp_path, capsys, mo
 
 
 # ---------------------------------------------------------------------- re-measuring timing rules
-def source(metrics: dict[str, Metric], suite: str = "table6") -> Source:
+def source(metrics: dict[str, GatedValue], suite: str = "table6") -> Source:
     return Source(f"{suite}.json", "cbn-bench/results v4", "cpu", "cpu", "quick", (suite,), metrics)
 
 
@@ -203,13 +202,13 @@ def rules_file(tmp_path: Path) -> Path:
 
 def measured_gate(tmp_path, monkeypatch, capsys, measurements: list[dict[str, float]]) -> tuple[int, str, list]:
     """The measuring gate with `measure` replaced: it returns the given figures, one run per call."""
-    baseline = source({"table6.flops": Metric(100.0, False), "table6.ratio": Metric(0.8, True)})
+    baseline = source({"table6.flops": GatedValue(100.0, False), "table6.ratio": GatedValue(0.8, True)})
     calls = []
 
     def fake_measure(names, profile, device, threads, out, mode):
         figures = measurements[len(calls)]
         calls.append(list(names))
-        return [source({"table6.flops": Metric(figures["flops"], False), "table6.ratio": Metric(figures["ratio"], True)})]
+        return [source({"table6.flops": GatedValue(figures["flops"], False), "table6.ratio": GatedValue(figures["ratio"], True)})]
 
     monkeypatch.setattr(commands, "measure", fake_measure)
     monkeypatch.setattr(commands, "_baselines", lambda given, wanted: [baseline])

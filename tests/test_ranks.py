@@ -140,7 +140,7 @@ def test_two_nodes_meet_per_case_and_node_0_gets_every_ranks_figures(tmp_path, f
     port = free_port_pair()
     follower_failures = []
     follower = threading.Thread(target=lambda: follower_failures.extend(
-        runner.follow(cases, "cpu", ranks.Nodes(2, 1, "127.0.0.1", port))))
+        runner.follow_node_zero(cases, "cpu", ranks.Nodes(2, 1, "127.0.0.1", port))))
     follower.start()
     found = run_cases(cases, {"fake": "fake_suite"}, "cpu", nodes=ranks.Nodes(2, 0, "127.0.0.1", port))[0]
     follower.join(timeout=120)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.gate import rules as thresholds
-from bench.gate.rules import ThresholdsError
+from bench.gate import thresholds
+from bench.gate.thresholds import ThresholdsError
 from suites.constants import (
     CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET,
     CONTROL,

@@ -15,10 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from bench import env, modes, pytest_suites, report, results, session
-from bench.gate import refresh, sources
-from bench.gate import rules as thresholds
-from bench.gate import verdicts as gate
+from bench import env, pytest_suites, report, results, session, training_modes
+from bench.gate import refresh, sources, thresholds, verdicts
 from bench.gate.sources import Source
 from bench.suite import load_suite
 
@@ -30,7 +28,7 @@ GATE_PROFILE = "quick"
 
 # ---------------------------------------------------------------------- measuring
 def measure(names: list[str], profile: str, device: str, threads: int | None, out: Path,
-            mode: modes.Mode = modes.Mode()) -> list[Source]:
+            mode: training_modes.Mode = training_modes.Mode()) -> list[Source]:
     """Run the named suites (harness suites in one run, then each pytest-benchmark suite) into
     sources, in mode (the suites that take no mode run as they always do)."""
     found = []
@@ -38,7 +36,7 @@ def measure(names: list[str], profile: str, device: str, threads: int | None, ou
     harness = [n for n in names if n not in pytest_names]
     if harness:
         registry = session.suite_registry()
-        options = {n: mode.options() for n in harness if modes.takes_mode(load_suite(registry, n))}
+        options = {n: mode.options() for n in harness if training_modes.takes_mode(load_suite(registry, n))}
         run, paths, interrupted = session.execute(session.plan(harness, profile, device, options=options), threads, out)
         if interrupted:
             raise KeyboardInterrupt
@@ -61,7 +59,7 @@ def _suites(names: list[str], rules: list[thresholds.Rule]) -> list[str]:
     return names or [n for n in known if n in guarded]
 
 
-def _planned_sources(names: list[str], profile: str, device: str, mode: modes.Mode) -> list[tuple[str, str, modes.Mode]]:
+def _planned_sources(names: list[str], profile: str, device: str, mode: training_modes.Mode) -> list[tuple[str, str, training_modes.Mode]]:
     """(kind, profile, mode) of the files a measurement of names will produce."""
     pytest_names = [n for n in names if n in pytest_suites.registry()]
     kinds = [(results.SCHEMA, profile, mode)] if len(pytest_names) < len(names) else []
@@ -88,33 +86,33 @@ def gate_command(args: argparse.Namespace) -> int:
         currents = [sources.load_source(p) for p in args.results]
         baselines = _baselines(args.baseline, [(c.kind, c.profile, c.mode, c.device_class) for c in currents])
         notes = sources.pair(baselines, currents)
-        verdicts = gate.not_remeasured(gate.evaluate(rules, baselines, currents), "--results")
+        checks = verdicts.not_remeasured(verdicts.evaluate(rules, baselines, currents), "--results")
     else:
         names = _suites(args.suites, rules)
         device = args.device or env.best_device()
-        mode = modes.from_args(args).check(device)
+        mode = training_modes.from_args(args).check(device)
         cls = sources.device_class(device, env.device_name(device))
         planned = [(kind, profile, m, cls) for kind, profile, m in _planned_sources(names, args.profile, device, mode)]
         baselines = _baselines(args.baseline, planned)
         threads, notes = _threads(args, baselines)
         currents = measure(names, args.profile, device, threads, args.out, mode)
         notes += sources.pair(baselines, currents)
-        verdicts = gate.evaluate(rules, baselines, currents)
-        again = sorted(gate.needs_remeasure(verdicts))
+        checks = verdicts.evaluate(rules, baselines, currents)
+        again = sorted(verdicts.needs_remeasure(checks))
         if again and args.no_retry:
-            verdicts = gate.not_remeasured(verdicts, "--no-retry")
+            checks = verdicts.not_remeasured(checks, "--no-retry")
         elif again:
             session.console.print(f"[yellow]timing rules failed in {', '.join(again)}: re-measuring once[/yellow]")
-            verdicts = gate.remeasured(verdicts, measure(again, args.profile, device, threads, args.out, mode))
-    report.print_tables([gate.table(verdicts, rules, currents, notes)], session.console)
-    status = gate.exit_status(verdicts)
-    failed = [v.metric for v in verdicts if v.failed]
+            checks = verdicts.remeasured(checks, measure(again, args.profile, device, threads, args.out, mode))
+    report.print_tables([verdicts.table(checks, rules, currents, notes)], session.console)
+    status = verdicts.exit_status(checks)
+    failed = [v.metric for v in checks if v.failed]
     session.console.print("[green]gate passed[/green]" if status == 0 else
-                      f"[bold red]gate failed[/bold red]: {len(failed)} of {len(verdicts)} checks: {', '.join(failed)}")
+                      f"[bold red]gate failed[/bold red]: {len(failed)} of {len(checks)} checks: {', '.join(failed)}")
     return status
 
 
-def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, modes.Mode, str]]) -> list[Source]:
+def _baselines(given: list[Path] | None, wanted: list[tuple[str, str, training_modes.Mode, str]]) -> list[Source]:
     if given:
         return [sources.load_source(p) for p in given]
     loaded = []
@@ -132,7 +130,7 @@ def baseline_command(args: argparse.Namespace) -> int:
     device = args.device or env.best_device()
     guarded = _suites(args.suites, thresholds.load(THRESHOLDS))
     names = [n for n in guarded if not (args.skip_micro and n in pytest_suites.registry())]
-    measured = measure(names, args.profile, device, args.threads, args.out, modes.from_args(args).check(device))
+    measured = measure(names, args.profile, device, args.threads, args.out, training_modes.from_args(args).check(device))
     failed = [f"{s.path}: {case} {why}" for s in measured for case, why in s.absent.items() if not why.startswith("skipped")]
     if failed:
         session.console.print("[red]no baseline written: cases failed[/red]\n  " + "\n  ".join(failed))
@@ -170,5 +168,5 @@ def spread_command(args: argparse.Namespace) -> int:
         raise ValueError("give at least two files of repeated identical runs")
     for source in files[1:]:
         sources.check_comparable(files[0], source)
-    report.print_tables([gate.spread_table(files)], session.console)
+    report.print_tables([verdicts.spread_table(files)], session.console)
     return 0

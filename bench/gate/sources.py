@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import pytest_suites, results
-from bench.modes import Mode
 from bench.results import ResultsFileError, RunResult
+from bench.training_modes import Mode
 
 
 class GateError(ValueError):
@@ -22,7 +22,9 @@ class GateError(ValueError):
 
 
 @dataclass(frozen=True)
-class Metric:
+class GatedValue:
+    """One value the gate compares (a case's metric or a derived figure), reduced to what a rule needs."""
+
     value: float
     timing: bool  # from timing samples: noisy, so a failure may be re-measured once
 
@@ -33,16 +35,16 @@ class Source:
 
     path: str
     schema: str  # name and version, e.g. "cbn-bench/results v4"
-    device: str  # "cpu" or "cuda": which rules apply (bench/gate/rules.py)
+    device: str  # "cpu" or "cuda": which rules apply (bench/gate/thresholds.py)
     device_class: str
     profile: str
     suites: tuple[str, ...]
-    metrics: dict[str, Metric]
+    metrics: dict[str, GatedValue]
     absent: dict[str, str] = field(default_factory=dict)  # "<suite>.<case>" -> why it has no figures
     cpu_model: str = ""
     threads: int | None = None
     settings: dict[str, list[str]] = field(default_factory=dict)  # suite -> its cases' stored settings
-    mode: Mode = Mode()  # the training mode its cases ran in (bench/modes.py)
+    mode: Mode = Mode()  # the training mode its cases ran in (bench/training_modes.py)
     world_size: int = 1  # processes per case (bench/ranks.py)
 
     @property
@@ -56,7 +58,7 @@ def device_class(device: str, device_name: str) -> str:
 
 
 def from_run(run: RunResult, path: str, stored_version: int) -> Source:
-    metrics: dict[str, Metric] = {}
+    metrics: dict[str, GatedValue] = {}
     absent = {}
     for case in run.cases:
         if case.status != "ok":
@@ -64,9 +66,9 @@ def from_run(run: RunResult, path: str, stored_version: int) -> Source:
             absent[f"{case.suite}.{case.case}"] = f"{case.status}: {why[0][:120] if why else ''}".rstrip(": ")
             continue
         for name, metric in case.metrics.items():
-            metrics[f"{case.suite}.{case.case}.{name}"] = Metric(metric.value, metric.timing)
+            metrics[f"{case.suite}.{case.case}.{name}"] = GatedValue(metric.value, metric.timing)
     for d in run.derived:
-        metrics[f"{d.suite}.{d.name}"] = Metric(d.value, d.timing)
+        metrics[f"{d.suite}.{d.name}"] = GatedValue(d.value, d.timing)
     settings: dict[str, set[str]] = {}
     for case in run.cases:
         if "settings" in case.params:

@@ -1,5 +1,5 @@
 """The gate's verdicts, one per rule and metric: a run's metrics (bench/gate/sources.py) against a
-stored baseline under a thresholds file's rules (bench/gate/rules.py), and the gate's table.
+stored baseline under a thresholds file's rules (bench/gate/thresholds.py), and the gate's table.
 
 Timing enters only as ratios measured within one run, never as seconds from another machine. A
 timing rule that fails may be re-measured once before it counts; a deterministic rule's first
@@ -13,8 +13,8 @@ import statistics
 from dataclasses import dataclass, replace
 
 from bench import report
-from bench.gate.rules import Rule
-from bench.gate.sources import GateError, Metric, Source
+from bench.gate.sources import GatedValue, GateError, Source
+from bench.gate.thresholds import Rule
 from bench.suite import Table
 
 STATUSES = ("pass", "fail", "missing", "new")  # missing and fail fail the gate
@@ -35,7 +35,7 @@ class Verdict:
         return self.status in ("fail", "missing")
 
 
-def _merge(sources: list[Source]) -> tuple[dict[str, Metric], dict[str, str]]:
+def _merge(sources: list[Source]) -> tuple[dict[str, GatedValue], dict[str, str]]:
     metrics, absent = {}, {}
     for source in sources:
         metrics.update(source.metrics)
@@ -61,7 +61,7 @@ def evaluate(rules: list[Rule], baselines: list[Source], currents: list[Source])
     return verdicts
 
 
-def judge(rule: Rule, name: str, base: Metric | None, now: Metric | None, absent: dict[str, str]) -> Verdict:
+def judge(rule: Rule, name: str, base: GatedValue | None, now: GatedValue | None, absent: dict[str, str]) -> Verdict:
     known = now or base
     timing = known is not None and known.timing
     b = None if base is None else base.value
@@ -100,7 +100,7 @@ def remeasured(verdicts: list[Verdict], fresh: list[Source]) -> list[Verdict]:
     out = []
     for v in verdicts:
         if v.status == "fail" and v.timing:
-            base = None if v.baseline is None else Metric(v.baseline, True)
+            base = None if v.baseline is None else GatedValue(v.baseline, True)
             again = judge(v.rule, v.metric, base, now.get(v.metric), absent)
             first = f"re-measured once: first {report.fmt(v.current, 4)} failed"
             v = replace(again, note="; ".join(filter(None, [first, again.note])))

@@ -1,4 +1,4 @@
-"""Training modes (bench/modes.py): how a mode is chosen, stored, named and kept apart."""
+"""Training modes (bench/training_modes.py): how a mode is chosen, stored, named and kept apart."""
 
 import dataclasses
 import json
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from bench import cli, counts, flops, modes, pytest_suites
+from bench import cli, counts, flops, pytest_suites, training_modes
 from bench.gate import sources
 from bench.gate.sources import GateError
-from bench.modes import Mode
 from bench.suite import load_suite
+from bench.training_modes import Mode
 from suites import classify, table6
 from suites.constants import WINDOW
 from suites.micro import LayerStep
@@ -131,7 +131,7 @@ def quick_compile(monkeypatch):
     (inductor itself is tested on a small net in test_compile.py)."""
     import torch._dynamo
 
-    monkeypatch.setattr(modes, "BACKEND", "eager")
+    monkeypatch.setattr(training_modes, "BACKEND", "eager")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

@@ -15,7 +15,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class MathModes:
+class CudaMath:
     cudnn_benchmark: bool = False
     tf32_matmul: bool = False
     tf32_cudnn: bool = False
@@ -31,4 +31,4 @@ class MathModes:
         return asdict(self)
 
 
-DEFAULT = MathModes()
+DEFAULT = CudaMath()
