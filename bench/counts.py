@@ -14,7 +14,8 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.results import ResultsFileError, read_json, write_atomic
+from bench.files import write_atomic
+from bench.results import ResultsFileError, read_json
 from bench.training_modes import OPTIONS as MODE_OPTIONS
 
 SCHEMA = "cbn-bench/counts"

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import os
-import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench.files import write_atomic
 from bench.timing import synchronize
 from cbn.layer import PROFILER_LABELS
 
@@ -70,13 +69,10 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device, 
 
 def _export_gzipped(prof, trace: Path) -> None:
     trace.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=trace.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=trace.parent) as tmp:  # the profiler writes only to a path
         raw = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(raw))
-        packed = Path(tmp) / "trace.json.gz"
-        with raw.open("rb") as src, gzip.open(packed, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(packed, trace)
+        write_atomic(trace, gzip.compress(raw.read_bytes()))
 
 
 def _self_time_us(event, cuda: bool) -> float:
@@ -200,7 +196,6 @@ def _share(ms: float, total: float) -> str:
 def store(stem: Path, shown: list, found: dict, settings: dict, environment, notes: list[str]) -> list[Path]:
     """The report as Markdown and JSON (with every setting and the environment) beside the traces."""
     from bench import report
-    from bench.results import write_atomic
 
     preamble = [f"- command: `{environment.command}`", f"- torch {environment.torch_version}, {environment.device_name}, "
                 f"threads {environment.threads}", *[f"- {note}" for note in notes]]

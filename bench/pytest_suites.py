@@ -16,13 +16,13 @@ where the median moved 15-100% (results/README.md).
 from __future__ import annotations
 
 import importlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from bench import results
+from bench.files import write_atomic
 from bench.metrics import Metric, count
 from bench.results import CaseResult, Derived, Environment, ResultsFileError, RunResult, read_json, slug
 from bench.stats import quartiles, ratio_of_medians
@@ -70,7 +70,7 @@ def run(suite: str, device: str, out: Path, threads: int | None = None, mode: Mo
             print(f"pytest exit {code}: some {suite} benchmarks failed (output above); kept the others", file=sys.stderr)
         measured = load(partial)
         path = out / f"{stamp}_{suite}_{slug(measured.environment.device_name)}.json"
-        os.replace(partial, path)  # pytest-benchmark writes in place; the final name appears whole
+        write_atomic(path, partial.read_bytes())  # pytest-benchmark writes in place; the final name appears whole
     finally:
         partial.unlink(missing_ok=True)
     return measured, path

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.files import write_new
 from bench.metrics import Metric
 
 SCHEMA = "cbn-bench/results"
@@ -124,53 +123,9 @@ def case_from_json(data: dict) -> CaseResult:
     return CaseResult(**{**data, "metrics": metrics})
 
 
-def _temp_file(folder: Path, prefix: str) -> tuple[int, str]:
-    """A temp file in folder with the mode a plain open() would give (mkstemp's is 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    return fd, tmp
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temp file in the same folder, then rename it over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(path.parent, f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_new(run: RunResult, folder: Path, stem: str) -> Path:
-    """Store run as folder/stem.json, or stem-2.json etc.: an earlier run is never overwritten.
-
-    The file appears atomically: written to a temp file, then hard-linked to a name that must not
-    exist yet (link fails instead of replacing), then the temp name is removed.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(folder, ".run.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(to_json(run))
-            f.flush()
-            os.fsync(f.fileno())
-        for attempt in range(1, 1000):
-            path = folder / (f"{stem}.json" if attempt == 1 else f"{stem}-{attempt}.json")
-            try:
-                os.link(tmp, path)
-                return path
-            except FileExistsError:
-                continue
-        raise FileExistsError(f"no free results file name for {stem} in {folder}")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Store run as folder/stem.json, or stem-2.json etc.: an earlier run is never overwritten."""
+    return write_new(folder, stem, ".json", to_json(run))
 
 
 def stamp() -> str:

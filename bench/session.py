@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bench import counts, cuda_math, env, journal, ranks, report, results, runner
+from bench import counts, cuda_math, env, files, journal, ranks, report, results, runner
 from bench.runner import ProgressHook, WorkerProcess, run_cases, steps
 from bench.suite import Case, load_suite
 
@@ -252,7 +252,7 @@ def store(run_result: results.RunResult, suites: dict, out: Path, stem: str) -> 
     heading = f"cbn-bench run {json_path.stem}"
     text = report.markdown(tables(run_result, suites), heading, preamble(run_result))
     md_path = json_path.with_suffix(".md")
-    results.write_atomic(md_path, text)
+    files.write_atomic(md_path, text)
     paths = [json_path, md_path]
     for suite in suites.values():
         paths += suite.figures(run_result, json_path.with_suffix(""))

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from bench import memory, report, sampling
+from bench.files import write_atomic
 from bench.metrics import Metric, count, peak
-from bench.results import CaseResult, Derived, RunResult, write_atomic
+from bench.results import CaseResult, Derived, RunResult
 from bench.stats import loglog_slope, ratio_of_medians
 from bench.suite import Case, Measurement, Table, stored_profile
 from bench.timing import synchronize, time_call

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from bench.files import write_atomic
 from bench.metrics import Metric, count
-from bench.results import CaseResult, Derived, RunResult, write_atomic
+from bench.results import CaseResult, Derived, RunResult
 from bench.stats import paired_difference
 from bench.suite import Case, Measurement, Table, stored_profile
 from suites import images, minitrain

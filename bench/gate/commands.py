@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from bench import env, pytest_suites, report, results, session, training_modes
+from bench import env, files, pytest_suites, report, results, session, training_modes
 from bench.gate import refresh, sources, thresholds, verdicts
 from bench.gate.sources import Source
 from bench.suite import load_suite
@@ -140,10 +140,10 @@ def baseline_command(args: argparse.Namespace) -> int:
         if args.counts_only:
             _refresh_counts(target, Path(source.path))
             continue
-        results.write_atomic(target, Path(source.path).read_bytes())
+        files.write_atomic(target, Path(source.path).read_bytes())
         markdown = Path(source.path).with_suffix(".md")
         if markdown.exists():
-            results.write_atomic(target.with_suffix(".md"), markdown.read_bytes())
+            files.write_atomic(target.with_suffix(".md"), markdown.read_bytes())
         session.console.print(f"baseline written: {target} (from {source.path})")
     session.console.print("review the tables above, then commit the baseline files with a note in results/README.md")
     return 0
@@ -151,12 +151,12 @@ def baseline_command(args: argparse.Namespace) -> int:
 
 def _refresh_counts(target: Path, measured: Path) -> None:
     text, changes = refresh.refresh_counts(target, measured)
-    results.write_atomic(target, text)
+    files.write_atomic(target, text)
     if results.is_results_file(json.loads(text)):  # its Markdown report again, from the refreshed file
         run = results.load(target)
         suites = {name: load_suite(session.suite_registry(), name) for name in run.suites}
         heading = f"cbn-bench baseline {target.stem} (counts refreshed from {measured.name})"
-        results.write_atomic(target.with_suffix(".md"), report.markdown(session.tables(run, suites), heading,
+        files.write_atomic(target.with_suffix(".md"), report.markdown(session.tables(run, suites), heading,
                                                                         session.preamble(run)))
     listed = "\n  ".join(changes) or "none changed"
     session.console.print(f"baseline counts refreshed: {target} (from {measured}; timings kept)\n  {listed}")
