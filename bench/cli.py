@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench import counts, env, profiling, pytest_suites, ranks, report, results, session, training_modes
+from bench import counts, env, index, profiling, pytest_suites, ranks, report, results, session, training_modes
 from bench.gate import commands as gate_commands
 from bench.session import console
 from bench.suite import Table, load_suite
@@ -48,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="print the tables of a stored results file")
     show.add_argument("file", type=Path)
+
+    index_cmd = sub.add_parser("index", help="rebuild results/README.md's table of stored files from their environment blocks")
+    index_cmd.add_argument("--results", type=Path, default=Path("results"), help="the results folder (default: results)")
+    index_cmd.add_argument("--check", action="store_true", help="exit 1 if the table is out of date, write nothing")
 
     counted = sub.add_parser("counts", help="count FLOPs once on this machine and store them for later runs to reuse")
     counted.add_argument("suites", nargs="*", metavar="SUITE", help="suites to count (default: those with COUNTS)")
@@ -143,6 +147,7 @@ def _measure_options(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "run": lambda a: run(a),
     "show": lambda a: show(a.file),
+    "index": lambda a: rebuild_index(a.results, a.check),
     "counts": lambda a: count(a),
     "recover": lambda a: recover(a),
     "micro": lambda a: micro(a),
@@ -304,6 +309,17 @@ def compare_table(previous: results.RunResult, current: results.RunResult) -> Ta
         change = "-" if old is None or old.value == 0 else f"{100 * (d.value / old.value - 1):+.1f}%"
         rows.append([f"{d.suite}: {d.name}", report.fmt(None if old is None else old.value), report.fmt(d.value), change])
     return Table("comparison with the previous run", ["figure", "previous", "current", "change"], rows)
+
+
+def rebuild_index(folder: Path, check: bool) -> int:
+    readme = folder / "README.md"
+    if check:
+        current = readme.exists() and readme.read_text() == index.rebuilt(readme, folder)
+        console.print(f"{readme} is up to date" if current else f"[red]{readme} is out of date:[/red] run `python -m bench index`")
+        return 0 if current else 1
+    changed = index.update(readme, folder)
+    console.print(f"{readme}: {'rewritten' if changed else 'unchanged'} ({len(index.entries(folder))} files)")
+    return 0
 
 
 def show(path: Path) -> int:

@@ -10,7 +10,7 @@ the gate treats these files like any results file.
 
 The gate's ratios are of minimum times: the benchmarks run one after another, not interleaved,
 and on a shared machine the minimum of hundreds of rounds moved 4-16% between identical runs
-where the median moved 15-100% (results/README.md).
+where the median moved 15-100% (docs/calibration.md).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class Profile:
 PROFILES = {
     "paper": Profile(224, 4, warmup_steps=10, rounds=6, timeout_s=300, kept_per_round=4),
     # 15 rounds on a CPU (a round takes a few seconds): with 5, each median rested on 5 samples and
-    # its bootstrap interval looked tighter than it was (results/README.md, fifth pass).
+    # its bootstrap interval looked tighter than it was.
     "cpu": Profile(224, 4, warmup_steps=1, rounds=15, timeout_s=900),
     # What the CI gate runs: ResNet-18, the norms whose ratios it guards.
     "quick": Profile(224, 4, warmup_steps=1, rounds=15, timeout_s=600, models=("resnet18",),

@@ -15,13 +15,13 @@ AGREEMENT_TOLERANCE = 1e-3
 # training-FLOP ratio, at most this per device. table6 prints its verdict against the target;
 # results/thresholds.toml enforces the same numbers (tests/test_thresholds.py keeps them equal).
 # On CUDA the paper's own margin. On CPU the gate's small quick profile, where non-conv host work
-# weighs more, measured 1.025-1.062 over five identical runs (results/README.md), hence 1.10.
+# weighs more, measured 1.025-1.062 over five identical runs (docs/calibration.md), hence 1.10.
 STEP_TIME_OVER_FLOPS = "cbn/bn step-time ratio over training-FLOP ratio"
 STEP_TIME_OVER_FLOPS_TARGET = {"cuda": 1.05, "cpu": 1.10}
 
 # The same check on classification backbones (suites/classify.py), where CBN's bookkeeping weighs
 # more: the goal on CPU is ResNet-18 at 4 x 224 px within 8% of its extra FLOPs. Not reached yet
-# (results/README.md), so classify prints its verdict against it while the gate holds the ratio
+# (docs/results.md), so classify prints its verdict against it while the gate holds the ratio
 # to its baseline.
 CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET = {"cuda": 1.05, "cpu": 1.08}
 
@@ -31,7 +31,7 @@ CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET = {"cuda": 1.05, "cpu": 1.08}
 # same numbers (tests/test_thresholds.py keeps them equal). On CUDA +-3%, what a GPU's steady-state
 # steps allow (no GPU A/A run with this control yet). On a 2-core CPU, over ten A/A intervals of
 # 2026-12-04 (two quick baselines and the cpu profile's run, table6 and classify, training and
-# inference, one sample per round; results/README.md, "Table 6 with identical work"), the farthest
+# inference, one sample per round; docs/results.md), the farthest
 # reached 0.092 to 0.223 from 1, hence 0.30: a wider interval means the machine was noisier than
 # that, and the run's ratios are noise.
 CONTROL = "bn_control"

@@ -249,7 +249,7 @@ def install(wheels: Path | None) -> list[str]:
     if wheels is not None:
         found = sorted(wheels.glob("*.whl"))
         if not found:
-            raise SystemExit(f"gpu-run: no wheels in {wheels}; copy ../shared/wheels/*.whl there (README, 'GPU run')")
+            raise SystemExit(f"gpu-run: no wheels in {wheels}; copy ../shared/wheels/*.whl there (docs/tools.md)")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, found)], check=True)
         paths.append(str(SITE))

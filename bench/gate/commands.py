@@ -145,7 +145,7 @@ def baseline_command(args: argparse.Namespace) -> int:
         if markdown.exists():
             files.write_atomic(target.with_suffix(".md"), markdown.read_bytes())
         session.console.print(f"baseline written: {target} (from {source.path})")
-    session.console.print("review the tables above, then commit the baseline files with a note in results/README.md")
+    session.console.print("review the tables above, then commit the baseline files with a note in docs/calibration.md")
     return 0
 
 
