@@ -14,19 +14,20 @@ from bench.gate import commands as gate_commands
 from bench.session import console
 from bench.suite import Table, load_suite
 
-PROFILE_HELP = "sizes to run at: paper (default on CUDA), cpu, quick (default without GPU), smoke"
 PROFILES_OUT = Path("results") / "profiles"
 
 
 def parser() -> argparse.ArgumentParser:
     registry = session.suite_registry()
     every = [*registry, *pytest_suites.registry()]
+    declared = {name: load_suite(registry, name) for name in registry}  # profiles and options come from the suites
+    profile_help = _profile_help(declared)
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = p.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run suites (the default command)")
     run.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all of {', '.join(registry)})")
-    run.add_argument("--profile", help=PROFILE_HELP)
+    run.add_argument("--profile", help=profile_help)
     run.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
     run.add_argument("--rounds", type=int, help="timed rounds per case (default: the profile's)")
     run.add_argument("--threads", type=int, help="torch CPU threads in each worker (default: torch's)")
@@ -44,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     nodes.add_argument("--master-addr", help="the address of node 0, reachable from every node")
     nodes.add_argument("--master-port", type=int, default=29500,
                        help="node 0's first rendezvous port; case i of a group uses port + i (default: 29500)")
-    _suite_options(run)
+    _suite_options(run, declared)
 
     show = sub.add_parser("show", help="print the tables of a stored results file")
     show.add_argument("file", type=Path)
@@ -61,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     counted.add_argument("--out", type=Path, default=counts.DEFAULT_FOLDER, help=f"store folder (default: {counts.DEFAULT_FOLDER})")
     counted.add_argument("--from", dest="from_run", type=Path, metavar="FILE",
                          help="store the counts a results file measured instead of counting again")
-    _suite_options(counted)
+    _suite_options(counted, declared)
 
     recover = sub.add_parser("recover", help="turn the journal of a run that died into its results file")
     recover.add_argument("journal", type=Path, help="the .<run>.journal.jsonl file left in the results folder")
@@ -72,13 +73,13 @@ def parser() -> argparse.ArgumentParser:
                       help="table6: the detection training step; micro: one conv + norm layer step (default: table6)")
     prof.add_argument("--norm", action="append", metavar="NORM", help="a norm to profile (repeatable; default: cbn)")
     prof.add_argument("--against", default="bn", metavar="NORM", help="the reference norm (default: bn)")
-    prof.add_argument("--profile", help=PROFILE_HELP + " (table6 only)")
+    prof.add_argument("--profile", help=profile_help + " (table6 only)")
     prof.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
     prof.add_argument("--steps", type=int, default=3, help="profiled steps per norm, after 2 unrecorded ones (default: 3)")
     prof.add_argument("--inference", action="store_true", help="also profile inference steps (table6)")
     prof.add_argument("--memory", action="store_true", help="also write a CUDA allocator snapshot per norm (CUDA only)")
     prof.add_argument("--out", type=Path, default=PROFILES_OUT, help=f"folder for the report and traces (default: {PROFILES_OUT})")
-    _suite_options(prof)
+    _suite_options(prof, declared)
 
     micro = sub.add_parser("micro", help="run the pytest-benchmark layer micro-benchmarks")
     micro.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
@@ -115,9 +116,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _suite_options(p: argparse.ArgumentParser) -> None:
+def _profile_help(suites: dict) -> str:
+    names = list(dict.fromkeys(name for suite in suites.values() for name in suite.PROFILES))
+    on_gpu = sorted({suite.default_profile("cuda") for suite in suites.values()})
+    on_cpu = sorted({suite.default_profile("cpu") for suite in suites.values()})
+    return f"sizes to run at: {', '.join(names)} (default: {'/'.join(on_gpu)} on CUDA, {'/'.join(on_cpu)} without)"
+
+
+def shorthands(suites: dict) -> dict[str, str]:
+    """--KEY for every option a suite declares (the training mode has flags of its own): option ->
+    help, naming the suites that take it and its values."""
+    takers: dict[str, list[str]] = {}
+    values: dict[str, tuple[str, ...]] = {}
+    for name, suite in suites.items():
+        for key, allowed in suite.OPTIONS.items():
+            if key not in training_modes.OPTIONS:
+                takers.setdefault(key, []).append(name)
+                values[key] = allowed
+    return {key: f"{', '.join(names)}: {' or '.join(values[key])} (default {values[key][0]})" for key, names in takers.items()}
+
+
+def _suite_options(p: argparse.ArgumentParser, suites: dict) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a suite option, e.g. placement=all")
-    for key, help_text in SHORTHANDS.items():
+    for key, help_text in shorthands(suites).items():
         p.add_argument(f"--{key}", help=f"{help_text}; same as --set {key}=...")
     _mode_options(p)
 
@@ -130,8 +151,6 @@ def _mode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the models (table6: the conv stacks)")
 
 
-SHORTHANDS = {"placement": "table6: heads (paper default) or all (also backbone stages 2-4)",
-              "arch": "table6: mask_rcnn or faster_rcnn", "depth": "table6: ResNet depth, 50 or 101"}
 
 
 def _measure_options(p: argparse.ArgumentParser) -> None:
@@ -277,7 +296,8 @@ def micro(args: argparse.Namespace) -> int:
 def suite_options(args: argparse.Namespace, suites: dict) -> dict[str, dict[str, str]]:
     """Each suite's share of --set KEY=VALUE (and its shorthands and mode flags); a key no suite
     takes is an error."""
-    pairs = list(args.set) + [f"{k}={getattr(args, k)}" for k in SHORTHANDS if getattr(args, k, None)]
+    every = {name: load_suite(session.suite_registry(), name) for name in session.suite_registry()}
+    pairs = list(args.set) + [f"{k}={getattr(args, k)}" for k in shorthands(every) if getattr(args, k, None)]
     pairs += [f"{k}={v}" for k, v in training_modes.from_args(args).options().items() if v != training_modes.OPTIONS[k][0]]
     options: dict[str, dict[str, str]] = {name: {} for name in suites}
     for pair in pairs:

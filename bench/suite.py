@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from bench.metrics import Metric
 
@@ -55,9 +56,24 @@ class Workload(Protocol):
         dropped (bench/sampling.py's keep_last counts them)."""
         ...
 
-    # Optional, for `python -m bench profile`: kind of step ("train", "inference") -> one step,
-    # called after warmup() (bench/profiling.py):
-    # def profiled_steps(self) -> dict[str, Callable[[], object]]: ...
+
+
+@runtime_checkable
+class Profiled(Protocol):
+    """Optional, for `python -m bench profile`: a workload that names its steps."""
+
+    def profiled_steps(self) -> dict[str, Callable[[], object]]:
+        """Kind of step ("train", "inference") -> one step, called after warmup() (bench/profiling.py)."""
+        ...
+
+
+@runtime_checkable
+class ReusesCounts(Protocol):
+    """Optional: a workload whose device-independent counts (FLOPs) a stored entry can supply."""
+
+    def reuse_counts(self, entry: dict) -> None:
+        """Take entry (bench/counts.py's stored metrics for these settings) instead of counting."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import torch
 from bench import ranks
 from bench.cuda_math import CudaMath
 from bench.profiling import profile_steps
-from bench.suite import Case
+from bench.suite import Case, Profiled, ReusesCounts, Workload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
         suite = importlib.import_module(start["suite_module"])
         workload = suite.build(case, start["device"])
-        if start.get("known_counts") and hasattr(workload, "reuse_counts"):
+        if start.get("known_counts") and isinstance(workload, ReusesCounts):
             workload.reuse_counts(start["known_counts"])  # stored device-independent counts (bench/counts.py)
         all_replies({}, "ready")  # every rank built its case
         reply(event="ready")
@@ -118,8 +118,10 @@ def _run(workload, request: dict, device: str) -> dict:
     return result
 
 
-def profiled(workload, request: dict, device: torch.device) -> dict[str, dict]:
+def profiled(workload: Workload, request: dict, device: torch.device) -> dict[str, dict]:
     """Each requested kind of step (workload.profiled_steps()) under torch.profiler (bench/profiling.py)."""
+    if not isinstance(workload, Profiled):
+        raise ValueError(f"{type(workload).__name__} names no steps to profile (bench.suite.Profiled)")
     steps = workload.profiled_steps()
     out = {}
     for kind in request["kinds"]:

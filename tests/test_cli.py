@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, results
+from bench import cli, results, session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,3 +107,21 @@ def test_gate_usage_errors_exit_2(capsys):
     assert "not both" in capsys.readouterr().out
     assert cli.main(["gate", "nosuch"]) == 2
     assert "unknown suite 'nosuch'; available: table6, gradpath, classify, statistics, quality, micro" in capsys.readouterr().out
+
+
+def test_the_help_lists_the_profiles_and_options_the_suites_declare(monkeypatch, capsys):
+    import types
+
+    declared = types.ModuleType("declared_suite")
+    fake = session.load_suite({"fake": "fake_suite"}, "fake")
+    for name in ("default_profile", "cases", "build", "derive", "tables", "figures", "COUNTS"):
+        setattr(declared, name, getattr(fake, name))
+    declared.NAME, declared.PROFILES = "declared", {"tiny": fake.PROFILES["smoke"], "huge": fake.PROFILES["smoke"]}
+    declared.OPTIONS = {"flavour": ("sweet", "sour")}
+    monkeypatch.setitem(sys.modules, "declared_suite", declared)
+    monkeypatch.setattr(session, "suite_registry", lambda: {"declared": "declared_suite"})
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sizes to run at: tiny, huge" in text
+    assert "--flavour FLAVOUR declared: sweet or sour (default sweet); same as --set flavour=..." in text
