@@ -119,19 +119,20 @@ SCHEMA_VERSION = 1
 def run(cases: list, suite_module: str, device: str, kinds: list[str], steps: int, memory: bool,
         stem: Path) -> dict[str, dict[str, dict]]:
     """case name -> kind -> summary, each case profiled alone in its own worker."""
+    from bench.protocol import Profile, Warmup
     from bench.runner import WorkerError, WorkerProcess
 
     found = {}
     for case in cases:
         worker = WorkerProcess(case, suite_module, device, None)
         try:
-            worker.request("warmup")  # CBN's window full, caches and algorithms settled
-            reply = worker.request("profile", kinds=kinds, steps=steps, memory=memory, stem=f"{stem}_{case.name}")
+            worker.request(Warmup())  # CBN's window full, caches and algorithms settled
+            reply = worker.request(Profile(kinds, steps, memory, f"{stem}_{case.name}"))
         except WorkerError as err:
             raise ValueError(f"profiling {case.suite}/{case.name} failed: {err}") from None
         finally:
             worker.close()
-        found[case.name] = reply["profiles"]
+        found[case.name] = reply.profiles
     return found
 
 

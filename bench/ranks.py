@@ -165,7 +165,7 @@ def reduce_measured(replies: list[dict]) -> dict:
     reduced = {**first, "metrics": metrics, "notes": notes, "status": status, "error": "; ".join(errors) or None,
                "missing": missing}
     for key in ("cuda_peak_reserved_bytes", "cuda_total_bytes"):  # the runner's cache policy: the fullest device
-        if key in first:
+        if first.get(key) is not None:
             reduced[key] = max(r[key] for r in replies)
     return reduced
 
@@ -177,10 +177,11 @@ def reduce_round(replies: list[dict]) -> dict:
             "rank_samples": {name: [r["samples"][name] for r in replies] for name in names}}
 
 
-def reduce_reply(command: str, replies: list[dict]) -> dict:
-    if command == "measure":
+def reduce_reply(kind: str, replies: list[dict]) -> dict:
+    """The ranks' replies (bench/protocol.py's fields, as dicts) of one kind as one."""
+    if kind == "Measured":
         return reduce_measured(replies)
-    if command == "round":
+    if kind == "Timed":
         return reduce_round(replies)
     return replies[0]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import select
 import signal
@@ -23,8 +22,9 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from bench import cuda_math, ranks, sampling
+from bench import cuda_math, protocol, ranks, sampling
 from bench.metrics import Metric, timing
 from bench.results import CaseResult
 from bench.suite import Case
@@ -34,6 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class WorkerError(RuntimeError):
     pass
+
+
+def _metrics(measured: protocol.Measured) -> dict[str, Metric]:
+    return {name: Metric.from_json(m) for name, m in measured.metrics.items()}
 
 
 class WorkerProcess:
@@ -49,19 +53,19 @@ class WorkerProcess:
         # Its own session: a timeout kills the whole tree (kill_tree).
         self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                       text=True, env=worker_env(), start_new_session=True)
-        start = {"case": dataclasses.asdict(case), "suite_module": suite_module, "device": device, "threads": threads,
-                 "math_modes": cuda_math.DEFAULT.to_dict(), "known_counts": known_counts}
-        self._send(start)
+        self._send(protocol.Start(dataclasses.asdict(case), suite_module, device, threads, cuda_math.DEFAULT.to_dict(),
+                                  known_counts))
         self._receive(case.timeout_s)
 
-    def request(self, command: str, **options) -> dict:
-        self._send({"command": command, **options})
+    def request(self, message: protocol.Request) -> Any:
+        """The worker's reply to message (a protocol.Reply other than Failed, which raises WorkerError)."""
+        self._send(message)
         return self._receive(self.case.timeout_s)
 
     def close(self) -> None:
         if self._proc.poll() is None:
             try:
-                self._send({"command": "exit"})
+                self._send(protocol.Exit())
                 self._proc.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired, WorkerError):
                 self._kill()
@@ -70,15 +74,15 @@ class WorkerProcess:
     def _kill(self) -> None:
         kill_tree(self._proc, self._torchrun)
 
-    def _send(self, message: dict) -> None:
+    def _send(self, message: protocol.Request) -> None:
         assert self._proc.stdin is not None and self._proc.stdout is not None  # both are pipes
         try:
-            self._proc.stdin.write(json.dumps(message) + "\n")
+            self._proc.stdin.write(protocol.encode(message) + "\n")
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
             raise WorkerError(self._death_note()) from None
 
-    def _receive(self, timeout_s: float) -> dict:
+    def _receive(self, timeout_s: float) -> Any:
         assert self._proc.stdout is not None  # a pipe
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
         if not ready:
@@ -87,14 +91,14 @@ class WorkerProcess:
         line = self._proc.stdout.readline()
         if not line:
             raise WorkerError(self._death_note())
-        reply = json.loads(line)
-        if reply["event"] == "error":
+        reply = protocol.decode(line)
+        if isinstance(reply, protocol.Failed):
             try:
                 self._proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self._kill()
             group_log = f"\n{self._stderr_tail()}" if self.case.nproc > 1 else ""  # torchrun names the failed rank
-            raise WorkerError(f"{reply['error']}\n{reply['traceback']}{group_log}")
+            raise WorkerError(f"{reply.error}\n{reply.traceback}{group_log}")
         return reply
 
     def _death_note(self) -> str:
@@ -194,7 +198,7 @@ class _GroupRun:
         self.known_counts, self.nodes = known_counts, nodes
         self.hook, self.results = hook, results
         self.workers: dict[str, WorkerProcess] = {}
-        self.measured: dict[str, dict] = {}
+        self.measured: dict[str, protocol.Measured] = {}
         self.samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.sample_rounds: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         self.rank_samples: dict[str, dict[str, list[list[float]]]] = defaultdict(dict)  # nproc > 1: each rank's
@@ -234,8 +238,9 @@ class _GroupRun:
             action()
         except WorkerError as err:
             self._drop(case.name)
+            measured = self.measured.get(case.name)
             self.results[(case.suite, case.name)] = CaseResult(case.suite, case.name, case.params, "error", str(err),
-                                                               notes=self.measured.get(case.name, {}).get("notes", []))
+                                                               notes=list(measured.notes) if measured else [])
         self.hook.advance()
 
     def _start(self, case: Case) -> None:
@@ -244,15 +249,14 @@ class _GroupRun:
                                          self.group.index(case))
 
     def _measure(self, case: Case) -> None:
-        reply = self.workers[case.name].request("measure")
-        reply["metrics"] = {name: Metric.from_json(m) for name, m in reply["metrics"].items()}
+        reply: protocol.Measured = self.workers[case.name].request(protocol.Measure())
         self.measured[case.name] = reply
-        if reply["status"] == "skipped" or reply["error"]:
-            status = "skipped" if reply["status"] == "skipped" else "error"
+        if reply.status == "skipped" or reply.error:
+            status = "skipped" if reply.status == "skipped" else "error"
             self._drop(case.name)
             self.results[(case.suite, case.name)] = CaseResult(
-                case.suite, case.name, case.params, status, reply["error"], reply["metrics"], notes=reply["notes"],
-                missing=reply.get("missing", {}), work=reply.get("work", {}))
+                case.suite, case.name, case.params, status, reply.error, _metrics(reply), notes=list(reply.notes),
+                missing=dict(reply.missing), work=dict(reply.work))
             for _ in range(case.rounds + 1):  # its warm-up and rounds will not run
                 self.hook.advance()
 
@@ -262,39 +266,38 @@ class _GroupRun:
             self.empty_cache = False
             return
         live = self._live()
-        peaks = [int(self.measured[c.name].get("cuda_peak_reserved_bytes", 0)) for c in live]
-        total = max((int(self.measured[c.name].get("cuda_total_bytes", 0)) for c in live), default=0)
+        peaks = [self.measured[c.name].cuda_peak_reserved_bytes or 0 for c in live]
+        total = max((self.measured[c.name].cuda_total_bytes or 0 for c in live), default=0)
         keep, why = sampling.cache_policy(peaks, total)
         self.empty_cache = not keep
         self.sampling = {name: dataclasses.replace(s, cuda_cache=why) for name, s in self.sampling.items()}
 
     def _warmup(self, case: Case) -> None:
-        self.workers[case.name].request("warmup", empty_cache=self.empty_cache)
+        self.workers[case.name].request(protocol.Warmup(self.empty_cache))
 
     def _round(self, case: Case, round_index: int) -> None:
         how = self.sampling[case.name]
-        reply = self.workers[case.name].request("round", kept=how.kept_per_round, discarded=how.discarded_per_round,
-                                                empty_cache=self.empty_cache)
-        for name, values in reply["samples"].items():
+        reply: protocol.Timed = self.workers[case.name].request(
+            protocol.Round(how.kept_per_round, how.discarded_per_round, self.empty_cache))
+        for name, values in reply.samples.items():
             self.samples[case.name][name].extend(values)
             self.sample_rounds[case.name][name].extend([round_index] * len(values))
-        for name, per_rank in reply.get("rank_samples", {}).items():
+        for name, per_rank in reply.rank_samples.items():
             kept = self.rank_samples[case.name].setdefault(name, [[] for _ in per_rank])
             for rank, values in enumerate(per_rank):
                 kept[rank].extend(values)
 
     def _finish(self, case: Case, status: str = "ok", error: str | None = None) -> None:
         measured = self.measured[case.name]
-        metrics = dict(measured["metrics"])
+        metrics = _metrics(measured)
         per_rank = self.rank_samples[case.name]
         rounds = self.sample_rounds[case.name]
         metrics.update({name: timing(list(values), ranks.rank_medians(per_rank[name]) if name in per_rank else (),
                                      tuple(rounds[name]))
                         for name, values in self.samples[case.name].items()})
         self.results[(case.suite, case.name)] = CaseResult(
-            case.suite, case.name, case.params, status, error, metrics, list(measured["notes"]),
-            sampling=self.sampling[case.name].to_dict(), missing=measured.get("missing", {}),
-            work=measured.get("work", {}))
+            case.suite, case.name, case.params, status, error, metrics, list(measured.notes),
+            sampling=self.sampling[case.name].to_dict(), missing=dict(measured.missing), work=dict(measured.work))
 
     def _drop(self, name: str) -> None:
         worker = self.workers.pop(name, None)

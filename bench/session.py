@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bench import counts, cuda_math, env, files, journal, ranks, report, results, runner
+from bench import counts, cuda_math, env, files, journal, protocol, ranks, report, results, runner
 from bench.runner import ProgressHook, WorkerProcess, run_cases, steps
 from bench.suite import Case, load_suite
 
@@ -159,10 +159,10 @@ def count(p: Plan, threads: int | None, folder: Path) -> list[Path]:
             console.print(f"{name}/{case.name}: counting ...", highlight=False)
             worker = WorkerProcess(case, suite_registry()[name], p.device, threads)
             try:
-                reply = worker.request("measure")
+                reply = worker.request(protocol.Measure())
             finally:
                 worker.close()
-            metrics = {k: reply["metrics"][k] for k in names if k in reply["metrics"]}
+            metrics = {k: reply.metrics[k] for k in names if k in reply.metrics}
             console.print(f"  {metrics} in {time.perf_counter() - started:.0f} s", highlight=False)
             measured.append((case.params, metrics))
         written.append(counts.save(folder, name, measured, environment.torch_version, environment.torchvision_version,

@@ -1,9 +1,9 @@
 """One benchmark case in its own process, driven by the runner over a JSON-lines pipe.
 
-The runner writes commands (``measure``, ``warmup``, ``round``, ``profile``, ``exit``) to stdin
-and reads one JSON reply per command from the original stdout; everything the case prints goes to
-stderr, so the protocol cannot be corrupted. An exception becomes an error reply, and the process
-exits.
+The runner writes requests (bench/protocol.py: ``Start``, then ``Measure``, ``Warmup``, ``Round``,
+``Profile``, ``Exit``) to stdin and reads one reply per request from the original stdout;
+everything the case prints goes to stderr, so the protocol cannot be corrupted. An exception
+becomes a ``Failed`` reply, and the process exits.
 
 A case on several processes runs one worker per rank, started by torchrun (bench/ranks.py):
 rank 0 speaks the protocol and relays each command to the other ranks, and replies with what
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bench import ranks
+from bench import protocol, ranks
 from bench.cuda_math import CudaMath
 from bench.profiling import profile_steps
 from bench.suite import Case, Profiled, ReusesCounts, Workload
@@ -37,51 +36,53 @@ from bench.suite import Case, Profiled, ReusesCounts, Workload
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    out = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol's channel
     os.dup2(2, 1)  # the case's own prints, C-level ones too, go to stderr
     sys.stdout = sys.stderr
     group = ranks.join(args.backend, args.timeout_s) if args.backend else None
     speaks = group is None or group.rank == 0  # to the runner
 
-    def reply(**message) -> None:
+    def reply(message: protocol.Reply) -> None:
         if speaks:
-            protocol.write(json.dumps(message) + "\n")
+            out.write(protocol.encode(message) + "\n")
 
-    def next_request() -> Any:  # a JSON object
-        request = None
+    def next_request() -> Any:  # a protocol.Request
+        request: protocol.Request | None = None
         if speaks:
             line = sys.stdin.readline()
-            request = json.loads(line) if line else {"command": "exit"}  # end of input: the runner is gone
+            request = protocol.decode(line) if line else protocol.Exit()  # end of input: the runner is gone
         return request if group is None else ranks.relay(group, request)
 
-    def all_replies(result: dict, command: str) -> dict:
-        """This process's result, or on several processes what every rank's reduces to (on rank 0)."""
+    def all_replies(result: Any) -> Any:
+        """This process's reply, or on several processes what every rank's reduces to (on rank 0)."""
         if group is None:
             return result
-        replies = ranks.gather(group, result)
-        return ranks.reduce_reply(command, replies) if replies else {}
+        replies = ranks.gather(group, dataclasses.asdict(result))
+        return type(result)(**ranks.reduce_reply(type(result).__name__, replies)) if replies else result
 
     try:
         start = next_request()
-        case = Case(**start["case"])
+        if not isinstance(start, protocol.Start):
+            raise protocol.ProtocolError(f"expected Start, got {type(start).__name__}")
+        case = Case(**start.case)
         _apply_limits(case, start)
         import importlib
 
-        suite = importlib.import_module(start["suite_module"])
-        workload = suite.build(case, start["device"])
-        if start.get("known_counts") and isinstance(workload, ReusesCounts):
-            workload.reuse_counts(start["known_counts"])  # stored device-independent counts (bench/counts.py)
-        all_replies({}, "ready")  # every rank built its case
-        reply(event="ready")
-        while (request := next_request())["command"] != "exit":
-            reply(event="done", **all_replies(_run(workload, request, start["device"]), request["command"]))
+        suite = importlib.import_module(start.suite_module)
+        workload = suite.build(case, start.device)
+        if start.known_counts and isinstance(workload, ReusesCounts):
+            workload.reuse_counts(start.known_counts)  # stored device-independent counts (bench/counts.py)
+        all_replies(protocol.Ready())  # every rank built its case
+        reply(protocol.Ready())
+        while not isinstance(request := next_request(), protocol.Exit):
+            reply(all_replies(_run(workload, request, start.device)))
         if group is not None:
             ranks.leave()
     except BaseException as err:  # reported to the runner: the suite goes on without this case
         if not speaks:
             traceback.print_exc()  # torchrun stops the group when this rank exits; its stderr says why
             print(f"rank {group.rank if group else '?'} failed: {type(err).__name__}: {err}", file=sys.stderr)
-        reply(event="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
+        reply(protocol.Failed(f"{type(err).__name__}: {err}", traceback.format_exc()[-4000:]))
         return 1
     return 0
 
@@ -93,55 +94,57 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _run(workload, request: dict, device: str) -> dict:
-    command, cuda = request["command"], device.startswith("cuda")
-    if command == "measure":
+def _run(workload: Workload, request: protocol.Request, device: str) -> protocol.Reply:
+    cuda = device.startswith("cuda")
+    result: protocol.Reply
+    if isinstance(request, protocol.Measure):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         measured = workload.measure()
-        result = {**dataclasses.asdict(measured), "metrics": {k: m.to_json() for k, m in measured.metrics.items()}}
+        result = protocol.Measured(**{**dataclasses.asdict(measured),
+                                      "metrics": {k: m.to_json() for k, m in measured.metrics.items()}})
         if cuda:  # what the runner's cache policy needs: this worker's peak and the device's size
-            result["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
-            result["cuda_total_bytes"] = torch.cuda.mem_get_info()[1]
+            result = dataclasses.replace(result, cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+                                         cuda_total_bytes=torch.cuda.mem_get_info()[1])
             torch.cuda.empty_cache()  # the next case is measured with the device to itself
-    elif command == "warmup":
+    elif isinstance(request, protocol.Warmup):
         workload.warmup()
-        result = {}
-    elif command == "round":
-        result = {"samples": workload.timed_round(request.get("kept", 1), request.get("discarded", 0))}
-    elif command == "profile":
-        result = {"profiles": profiled(workload, request, torch.device(device))}
+        result = protocol.Warmed()
+    elif isinstance(request, protocol.Round):
+        result = protocol.Timed(workload.timed_round(request.kept, request.discarded))
+    elif isinstance(request, protocol.Profile):
+        result = protocol.Profiled(profiled(workload, request, torch.device(device)))
     else:
-        raise ValueError(f"unknown worker command {command!r}")
-    if cuda and request.get("empty_cache"):
+        raise protocol.ProtocolError(f"a worker takes no {type(request).__name__} here")
+    if cuda and getattr(request, "empty_cache", False):
         torch.cuda.empty_cache()  # the group's workers do not fit together with warm caches
     return result
 
 
-def profiled(workload: Workload, request: dict, device: torch.device) -> dict[str, dict]:
+def profiled(workload: Workload, request: protocol.Profile, device: torch.device) -> dict[str, dict]:
     """Each requested kind of step (workload.profiled_steps()) under torch.profiler (bench/profiling.py)."""
     if not isinstance(workload, Profiled):
         raise ValueError(f"{type(workload).__name__} names no steps to profile (bench.suite.Profiled)")
     steps = workload.profiled_steps()
     out = {}
-    for kind in request["kinds"]:
+    for kind in request.kinds:
         if kind not in steps:
             raise ValueError(f"this workload profiles {', '.join(steps)} steps, not {kind!r}")
-        trace = Path(f"{request['stem']}_{kind}.trace.json.gz")
-        snapshot = Path(f"{request['stem']}_{kind}.memory.pickle") if request.get("memory") and device.type == "cuda" else None
-        summary = profile_steps(steps[kind], request["steps"], device, trace, snapshot)
+        trace = Path(f"{request.stem}_{kind}.trace.json.gz")
+        snapshot = Path(f"{request.stem}_{kind}.memory.pickle") if request.memory and device.type == "cuda" else None
+        summary = profile_steps(steps[kind], request.steps, device, trace, snapshot)
         out[kind] = {**summary, "trace": str(trace), "memory_snapshot": None if snapshot is None else str(snapshot)}
     return out
 
 
-def _apply_limits(case: Case, start: dict) -> None:
+def _apply_limits(case: Case, start: protocol.Start) -> None:
     torch.manual_seed(0)
-    if start.get("math_modes") and start["device"].startswith("cuda"):
-        CudaMath(**start["math_modes"]).apply()
-    if start.get("threads"):
-        torch.set_num_threads(int(start["threads"]))
+    if start.math_modes and start.device.startswith("cuda"):
+        CudaMath(**start.math_modes).apply()
+    if start.threads:
+        torch.set_num_threads(int(start.threads))
     if case.memory_limit_bytes:
-        if start["device"].startswith("cuda"):
+        if start.device.startswith("cuda"):
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, case.memory_limit_bytes / total))
         else:

@@ -1,9 +1,11 @@
 """The runner: one process per case, interleaved timing, and no result lost to a failing case."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from bench import protocol
 from bench.metrics import count
 from bench.runner import ProgressHook, _GroupRun, run_cases
 from bench.suite import Case
@@ -96,13 +98,13 @@ def test_on_cuda_the_group_keeps_warm_caches_only_when_its_workers_fit(tmp_path)
     run = _GroupRun(group, MODULES, "cuda", None, ProgressHook(), {}, {})
     run.workers = {"A": None, "B": None}
     gib = 2**30
-    run.measured = {"A": {"cuda_peak_reserved_bytes": 30 * gib, "cuda_total_bytes": 80 * gib},
-                    "B": {"cuda_peak_reserved_bytes": 30 * gib, "cuda_total_bytes": 80 * gib}}
+    run.measured = {name: protocol.Measured({}, cuda_peak_reserved_bytes=30 * gib, cuda_total_bytes=80 * gib)
+                    for name in ("A", "B")}
     run._decide_cache_policy()
     assert run.empty_cache is False
     assert run.sampling["A"].cuda_cache.startswith("kept between rounds (62.0 GiB for 2 workers fit in 72.0 GiB)")
     assert (run.sampling["A"].discarded_per_round, run.sampling["A"].kept_per_round) == (1, 1)
-    run.measured["B"]["cuda_peak_reserved_bytes"] = 45 * gib
+    run.measured["B"] = dataclasses.replace(run.measured["B"], cuda_peak_reserved_bytes=45 * gib)
     run._decide_cache_policy()
     assert run.empty_cache is True and run.sampling["B"].cuda_cache.startswith("emptied after each round (77.0 GiB")
 

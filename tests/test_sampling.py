@@ -4,7 +4,7 @@ the worker's CUDA branch, exercised through fakes at the torch.cuda boundary."""
 import pytest
 import torch
 
-from bench import sampling, worker
+from bench import protocol, sampling, worker
 
 
 def test_the_order_rotates_so_no_case_always_runs_first():
@@ -69,17 +69,17 @@ class Workload(Counter):
 @pytest.mark.parametrize("empty_cache", [False, True])
 def test_the_cuda_worker_reports_its_peak_and_empties_its_cache_only_when_told(monkeypatch, empty_cache):
     cuda = FakeCuda(monkeypatch)
-    measured = worker._run(Workload(), {"command": "measure"}, "cuda")
-    assert (measured["cuda_peak_reserved_bytes"], measured["cuda_total_bytes"]) == (5 << 30, 80 << 30)
-    assert measured["metrics"] == {"flops": {"value": 1.0, "kind": "count", "unit": "flop"}}
+    measured = worker._run(Workload(), protocol.Measure(), "cuda")
+    assert (measured.cuda_peak_reserved_bytes, measured.cuda_total_bytes) == (5 << 30, 80 << 30)
+    assert measured.metrics == {"flops": {"value": 1.0, "kind": "count", "unit": "flop"}}
     assert cuda.log == ["reset", "empty"]  # the next case is measured with the device to itself
     cuda.log.clear()
-    reply = worker._run(Workload(), {"command": "round", "kept": 2, "discarded": 1, "empty_cache": empty_cache}, "cuda")
-    assert reply == {"samples": {"step_time": [2.0, 3.0]}}
+    reply = worker._run(Workload(), protocol.Round(kept=2, discarded=1, empty_cache=empty_cache), "cuda")
+    assert reply == protocol.Timed({"step_time": [2.0, 3.0]})
     assert cuda.log == (["empty"] if empty_cache else [])
 
 
 def test_the_cpu_worker_never_touches_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: pytest.fail("called on CPU"))
-    assert "cuda_peak_reserved_bytes" not in worker._run(Workload(), {"command": "measure"}, "cpu")
-    worker._run(Workload(), {"command": "round", "empty_cache": True}, "cpu")
+    assert worker._run(Workload(), protocol.Measure(), "cpu").cuda_peak_reserved_bytes is None
+    worker._run(Workload(), protocol.Round(empty_cache=True), "cpu")

@@ -1,0 +1,33 @@
+"""bench/protocol.py: the runner-worker messages and their one codec."""
+
+import json
+
+import pytest
+
+from bench import protocol
+
+
+@pytest.mark.parametrize("message", [
+    protocol.Start({"suite": "fake", "name": "A", "params": {}}, "fake_suite", "cpu", 2, {}, None),
+    protocol.Measure(), protocol.Warmup(True), protocol.Round(3, 1, False),
+    protocol.Profile(["train"], 2, False, "/tmp/x"), protocol.Exit(), protocol.Ready(),
+    protocol.Measured({"flops": {"value": 1.0, "kind": "count", "unit": "flop"}}, ["a note"], "ok", None, {}, {}),
+    protocol.Warmed(), protocol.Timed({"t": [0.1, 0.2]}, {"t": [[0.1], [0.2]]}),
+    protocol.Profiled({"train": {"groups_ms": {}}}), protocol.Failed("ValueError: bad", "Traceback ..."),
+])
+def test_every_message_survives_the_codec(message):
+    line = protocol.encode(message)
+    assert "\n" not in line and json.loads(line)["protocol"] == protocol.PROTOCOL_VERSION
+    assert protocol.decode(line) == message
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", "not a protocol line"),
+    ('{"command": "measure"}', "not a protocol message"),
+    ('{"type": "Measure", "protocol": 0}', "protocol version 0, this side speaks 1: runner and worker come from "
+                                             "different versions"),
+    ('{"type": "Round", "protocol": 1, "kept": 1, "speed": 2}', "Round has no field speed"),
+])
+def test_a_line_of_another_protocol_is_refused_by_name(line, message):
+    with pytest.raises(protocol.ProtocolError, match=message):
+        protocol.decode(line)
