@@ -109,7 +109,7 @@ def _case(benchmark: dict, mode: Mode) -> CaseResult:
     summary = {"n": len(samples), "median": median, "q1": q1, "q3": q3, "min": min(samples)}
     extra = benchmark["extra_info"]
     params = {"group": benchmark["group"], "norm": extra["norm"], "reference": bool(extra.get("reference")),
-              "shape_nchw": extra.get("shape_nchw"), **mode.options()}
+              "shape_nchw": extra.get("shape_nchw"), "subject": extra.get("subject", ""), **mode.options()}
     metrics = {"time": Metric(median, "timing", "s", samples, summary)}
     metrics.update({name: count(extra[name], "1") for name in COUNTED if name in extra})
     return CaseResult("micro", f"{benchmark['group']}/{extra['norm']}", params, "ok", metrics=metrics)
@@ -152,7 +152,8 @@ def table(run: RunResult, path: str = "") -> Table:
         rows.append(row)
     columns = ["norm"] + [f"{g} {what}" for g in groups for what in ("min ms", "x ref (min)", "x ref (median [95% CI])")]
     reference = ", ".join(sorted({c.params["norm"] for c in references.values()})) or "none"
-    caption = [f"conv 3x3 + norm, training mode; reference {reference}; the gate reads the ratios of minimum times",
+    subjects = ", ".join(sorted({c.params["subject"] for c in run.cases if c.params["subject"]})) or "subject not recorded"
+    caption = [f"{subjects}; reference {reference}; the gate reads the ratios of minimum times",
                f"device {run.environment.device_name}, profile {run.profile}" + (f"; file {path}" if path else "")]
     mode = Mode.of(run.cases[0].params) if run.cases else Mode()
     return Table(f"Layer micro-benchmarks ({mode.label})", columns, rows, caption)

@@ -45,6 +45,7 @@ NORMS = {  # label -> (cbn.norm_layer name, options)
 REFERENCE = "bn"
 LONGEST_WINDOW = max(options.get("window", 1) for _, options in NORMS.values())
 OPS = ("forward", "forward+backward")
+SUBJECT = "conv 3x3 + norm, training mode"  # what a benchmark times, as its table's caption says
 
 
 def conv_norm_block(norm: str, channels: int, device: torch.device) -> nn.Sequential:
@@ -117,7 +118,7 @@ def test_conv_norm(benchmark, request: pytest.FixtureRequest, micro_device: torc
 
     layer_step.fill_window()
     benchmark.group = op
-    benchmark.extra_info.update(norm=norm, reference=norm == REFERENCE, shape_nchw=list(shape))
+    benchmark.extra_info.update(norm=norm, reference=norm == REFERENCE, shape_nchw=list(shape), subject=SUBJECT)
     if op == "forward+backward" and not micro_mode.compile:  # one steady-state training step, counted before it is timed
         benchmark.extra_info.update(dataclasses.asdict(count_dispatches(layer_step)))
     benchmark(step)

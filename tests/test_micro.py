@@ -11,7 +11,7 @@ import torch
 
 from bench import env, pytest_suites
 from bench.results import ResultsFileError
-from suites import PYTEST_SUITES
+from suites import PYTEST_SUITES, micro
 from suites.micro import NORMS, conv_norm_block
 
 MICRO_BENCHMARKS = PYTEST_SUITES["micro"]
@@ -77,6 +77,15 @@ def test_ratios_are_taken_within_each_group(tmp_path):
     table = pytest_suites.table(run)
     assert table.rows[1][0] == "cbn" and table.rows[1][2] == "2.00"  # x ref (min)
     assert table.rows[1][3].startswith("2.00 [")  # x ref (median [95% CI])
+    assert table.caption[0].startswith("subject not recorded; reference bn")  # a file from before subjects
+
+
+def test_the_caption_says_what_the_benchmarks_recorded_they_time(tmp_path):
+    data = micro_json()
+    for bench in data["benchmarks"]:
+        bench["extra_info"]["subject"] = micro.SUBJECT
+    table = pytest_suites.table(pytest_suites.load(write(tmp_path, data)))
+    assert table.caption[0].startswith(f"{micro.SUBJECT}; reference bn")
 
 
 @pytest.mark.parametrize("data, message", [
