@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -69,8 +70,9 @@ def parser() -> argparse.ArgumentParser:
     recover.add_argument("--out", type=Path, help="folder for the results file (default: the journal's)")
 
     prof = sub.add_parser("profile", help="where each norm's step time goes (torch.profiler), side by side with a reference norm")
-    prof.add_argument("--suite", choices=["table6", "micro"], default="table6",
-                      help="table6: the detection training step; micro: one conv + norm layer step (default: table6)")
+    profiled = list(profiled_suites())
+    prof.add_argument("--suite", choices=profiled, default=profiled[0],
+                      help=f"whose step to profile, as suites.PROFILED declares (default: {profiled[0]})")
     prof.add_argument("--norm", action="append", metavar="NORM", help="a norm to profile (repeatable; default: cbn)")
     prof.add_argument("--against", default="bn", metavar="NORM", help="the reference norm (default: bn)")
     prof.add_argument("--profile", help=profile_help + " (table6 only)")
@@ -251,7 +253,7 @@ def profile(args: argparse.Namespace) -> int:
     cases, module, profile_name = _profiled_cases(args, norms, device)
     session.check_writable(args.out)
     environment = env.capture(device)
-    kinds = ["train"] + (["inference"] if args.inference and args.suite == "table6" else [])
+    kinds = ["train"] + (["inference"] if args.inference else [])
     stem = args.out / f"{results.stamp()}_{args.suite}_{profile_name}_{results.slug(environment.device_name)}"
     console.print(f"profiling {', '.join(norms)} ({args.suite}, {profile_name}) on {environment.device_name}: "
                   f"{args.steps} steps each after 2 unrecorded ones ...")
@@ -269,18 +271,18 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def _profiled_cases(args: argparse.Namespace, norms: list[str], device: str) -> tuple[list, str, str]:
-    """The cases to profile, the module that builds them in the worker, and the profile's name."""
-    if args.suite == "micro":
-        from suites import micro as micro_suite
+    """The cases to profile (the suite's declaration: suites.PROFILED), the module that builds them
+    in the worker, and the profile's name."""
+    module = profiled_suites()[args.suite]
+    suite = importlib.import_module(module)
+    options = suite_options(args, {args.suite: suite})[args.suite]
+    found, profile_name = suite.profiled_cases(norms, args.profile, device, options)
+    return found, module, profile_name
 
-        return micro_suite.cases(norms, training_modes.from_args(args).check(device)), "suites.micro", device
-    registry = session.suite_registry()
-    p = session.plan(["table6"], args.profile, device, options=suite_options(args, {"table6": load_suite(registry, "table6")}))
-    by_name = {c.name: c for c in p.cases}
-    unknown = [n for n in norms if n not in by_name]
-    if unknown:
-        raise ValueError(f"table6 at profile {p.profile} has no norm {unknown[0]!r}; it has {', '.join(by_name)}")
-    return [by_name[n] for n in norms], registry["table6"], p.profile
+
+def profiled_suites() -> dict[str, str]:
+    """Suite name -> the module whose profiled_cases `python -m bench profile` calls."""
+    return dict(importlib.import_module("suites").PROFILED)
 
 
 def micro(args: argparse.Namespace) -> int:

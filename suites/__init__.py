@@ -17,3 +17,9 @@ SUITES = {
 PYTEST_SUITES = {
     "micro": Path(__file__).with_name("micro.py"),
 }
+# What `python -m bench profile --suite` can profile, norm by norm: each module defines
+# profiled_cases(norms, profile, device, options) -> (one case per norm, the profile used).
+PROFILED = {
+    "table6": "suites.table6",  # the detection training (and inference) step
+    "micro": "suites.micro",  # one conv + norm layer step
+}

@@ -27,6 +27,7 @@ from torch import nn
 import cbn
 from bench.dispatch import count_dispatches
 from bench.suite import Case
+from bench.training_modes import OPTIONS as MODE_OPTIONS
 from bench.training_modes import Mode
 from suites.constants import CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE, WINDOW
 from suites.gradpath import naive_bytes_estimate
@@ -45,6 +46,7 @@ NORMS = {  # label -> (cbn.norm_layer name, options)
 REFERENCE = "bn"
 LONGEST_WINDOW = max(options.get("window", 1) for _, options in NORMS.values())
 OPS = ("forward", "forward+backward")
+OPTIONS = dict(MODE_OPTIONS)  # the step runs in any training mode (`python -m bench profile`)
 SUBJECT = "conv 3x3 + norm, training mode"  # what a benchmark times, as its table's caption says
 
 
@@ -136,6 +138,15 @@ class LayerWorkload:
 
     def profiled_steps(self) -> dict[str, LayerStep]:
         return {"train": self.step}
+
+
+def profiled_cases(norms: list[str], profile: str | None, device: str,
+                   options: dict[str, str]) -> tuple[list[Case], str]:
+    """One case per norm for `python -m bench profile --suite micro`: the layer step has no
+    profiles; its shape is the device type's (SHAPES), which names the report."""
+    if profile is not None:
+        raise ValueError("--profile: the micro-benchmarks have none (their shape is the device type's)")
+    return cases(norms, Mode.of(options).check(torch.device(device).type)), torch.device(device).type
 
 
 def cases(norms: list[str], mode: Mode = Mode()) -> list[Case]:

@@ -96,6 +96,19 @@ def default_profile(device: str) -> str:
     return DEFAULT_PROFILE["cuda" if device == "cuda" else "cpu"]
 
 
+def profiled_cases(norms: list[str], profile: str | None, device: str,
+                   options: dict[str, str]) -> tuple[list[Case], str]:
+    """One case per norm for `python -m bench profile`, at profile (default: the device's)."""
+    profile = profile or default_profile(device)
+    if profile not in PROFILES:
+        raise ValueError(f"table6 has no profile {profile!r}; it has: {', '.join(PROFILES)}")
+    by_name = {c.name: c for c in cases(profile, device, options)}
+    unknown = [n for n in norms if n not in by_name]
+    if unknown:
+        raise ValueError(f"table6 at profile {profile} has no norm {unknown[0]!r}; it has {', '.join(by_name)}")
+    return [by_name[n] for n in norms], profile
+
+
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
     options = resolve_options(NAME, OPTIONS, options)
     training_modes.Mode.of(options).check(device)

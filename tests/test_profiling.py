@@ -87,3 +87,8 @@ def test_profiling_table6_at_smoke_size_against_bn(tmp_path):
 def test_an_unknown_norm_is_a_usage_error(capsys):
     assert cli.main(["profile", "--suite", "micro", "--norm", "layernorm"]) == 2
     assert "the micro-benchmarks have no norm 'layernorm'" in capsys.readouterr().out
+
+
+def test_the_layer_step_has_no_profiles_and_says_so(capsys):
+    assert cli.main(["profile", "--suite", "micro", "--profile", "smoke"]) == 2
+    assert "the micro-benchmarks have none" in " ".join(capsys.readouterr().out.split())
