@@ -3,8 +3,8 @@ what a report compares: the top operators by self time and a grouped split of ea
 
 Every operator's self time (device time on CUDA, host time on CPU) goes to exactly one group: the
 innermost CBN label around it (cbn.layer.PROFILER_LABELS), else convolutions, normalization
-kernels, detection-specific ops (RoIAlign, NMS, losses), or the rest. So the groups add up to the
-profiled total, and CBN's own work is named whatever kernels it launches.
+kernels, a group the workload names (``op_groups``: table6's detection ops, say), or the rest. So
+the groups add up to the profiled total, and CBN's own work is named whatever kernels it launches.
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ from cbn.layer import PROFILER_LABELS
 WAIT_STEPS = 1  # the profiler's schedule: skip one step, warm the profiler up on one, then record
 WARMUP_STEPS = 1
 TOP = 15
-CONVOLUTIONS, NORMALIZATION, DETECTION, REST = ("convolutions", "normalization kernels",
-                                               "detection ops (RoIAlign, NMS, losses)", "rest")
-_DETECTION_WORDS = ("roi_align", "nms", "loss", "cross_entropy", "smooth_l1", "binary_cross_entropy")
+CONVOLUTIONS, NORMALIZATION, REST = "convolutions", "normalization kernels", "rest"
 _NORM_WORDS = ("batch_norm", "group_norm", "layer_norm")
+OpGroups = dict[str, tuple[str, ...]]  # group -> words, one of which an operator's name contains
 
 
-def group_of(name: str, label: str | None) -> str:
-    """The group an operator's self time belongs to."""
+def group_of(name: str, label: str | None, op_groups: OpGroups | None = None) -> str:
+    """The group an operator's self time belongs to (op_groups: the workload's own, in order)."""
     if label is not None:
         return f"CBN {label.removeprefix('cbn::').replace('_', ' ')}"
     lowered = name.lower()
@@ -41,13 +40,14 @@ def group_of(name: str, label: str | None) -> str:
         return CONVOLUTIONS
     if any(word in lowered for word in _NORM_WORDS):
         return NORMALIZATION
-    if any(word in lowered for word in _DETECTION_WORDS):
-        return DETECTION
+    for group, words in (op_groups or {}).items():
+        if any(word in lowered for word in words):
+            return group
     return REST
 
 
 def profile_steps(step: Callable[[], object], steps: int, device: torch.device, trace: Path,
-                  memory_snapshot: Path | None = None) -> dict:
+                  memory_snapshot: Path | None = None, op_groups: OpGroups | None = None) -> dict:
     """Record `steps` calls of step (after WAIT + WARMUP unrecorded ones); write a gzipped Chrome
     trace (and, on CUDA, an allocator snapshot); return the reduced summary."""
     cuda = device.type == "cuda"
@@ -64,7 +64,7 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device, 
         torch.cuda.memory._dump_snapshot(str(memory_snapshot))
         torch.cuda.memory._record_memory_history(enabled=None)
     _export_gzipped(prof, trace)
-    return summarize(prof.events(), steps, cuda)
+    return summarize(prof.events(), steps, cuda, op_groups)
 
 
 def _export_gzipped(prof, trace: Path) -> None:
@@ -91,13 +91,13 @@ def _label(event) -> str | None:
     return None
 
 
-def summarize(events, steps: int, cuda: bool) -> dict:
+def summarize(events, steps: int, cuda: bool, op_groups: OpGroups | None = None) -> dict:
     """Per step: each group's milliseconds, the top operators by self time, and the total."""
     groups: dict[str, float] = defaultdict(float)
     ops: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in events:
         self_us = _self_time_us(event, cuda)
-        groups[group_of(event.name, _label(event))] += self_us
+        groups[group_of(event.name, _label(event), op_groups)] += self_us
         ops[event.name][0] += self_us
         ops[event.name][1] += 1
     per_step_ms = 1e-3 / steps

@@ -66,6 +66,11 @@ class Profiled(Protocol):
         """Kind of step ("train", "inference") -> one step, called after warmup() (bench/profiling.py)."""
         ...
 
+    def op_groups(self) -> dict[str, tuple[str, ...]]:
+        """Report groups of its own (group -> words an operator's name contains), beside the
+        convolutions, normalization kernels and CBN's labels bench/profiling.py knows; may be empty."""
+        ...
+
 
 @runtime_checkable
 class ReusesCounts(Protocol):

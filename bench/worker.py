@@ -132,7 +132,7 @@ def profiled(workload: Workload, request: protocol.Profile, device: torch.device
             raise ValueError(f"this workload profiles {', '.join(steps)} steps, not {kind!r}")
         trace = Path(f"{request.stem}_{kind}.trace.json.gz")
         snapshot = Path(f"{request.stem}_{kind}.memory.pickle") if request.memory and device.type == "cuda" else None
-        summary = profile_steps(steps[kind], request.steps, device, trace, snapshot)
+        summary = profile_steps(steps[kind], request.steps, device, trace, snapshot, workload.op_groups())
         out[kind] = {**summary, "trace": str(trace), "memory_snapshot": None if snapshot is None else str(snapshot)}
     return out
 

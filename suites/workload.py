@@ -32,6 +32,10 @@ from suites.constants import WINDOW
 # CrossIterationBatchNorm2d's docstring); 8, its default, leaves a ResNet's later layers eager.
 RECOMPILE_LIMIT = 64
 
+# Operators the profiler reports as detection ops (bench/profiling.py's op_groups): the RoI heads'
+# pooling, the RPN's NMS, and the losses.
+DETECTION_OPS = ("roi_align", "nms", "loss", "cross_entropy", "smooth_l1", "binary_cross_entropy")
+
 
 class TrainingWorkload:
     model: nn.Module
@@ -162,6 +166,9 @@ class TrainingWorkload:
 
     def profiled_steps(self) -> dict[str, Callable[[], None]]:
         return {"train": self.train_step, "inference": self.inference}
+
+    def op_groups(self) -> dict[str, tuple[str, ...]]:
+        return {"detection ops (RoIAlign, NMS, losses)": DETECTION_OPS}
 
     def timed_round(self, kept: int, discarded: int) -> dict[str, list[float]]:
         train = keep_last(lambda: {"train_step_time": time_call(self.train_step, self.device)}, kept, discarded)

@@ -11,6 +11,7 @@ import torch
 
 from bench import cli, profiling
 from cbn.layer import PROFILER_LABELS, profiled
+from suites.workload import DETECTION_OPS
 
 
 def event(name, self_us, parent=None):
@@ -23,7 +24,8 @@ def test_each_operator_goes_to_the_innermost_cbn_label_else_its_kind():
     events = [record, statgrad, event("cbn::conv_weight_grad", 30.0, statgrad), event("aten::abs", 4.0, record),
               event("aten::convolution", 50.0), event("aten::native_batch_norm", 7.0), event("torchvision::roi_align", 5.0),
               event("aten::binary_cross_entropy_with_logits", 3.0), event("aten::add_", 8.0)]
-    summary = profiling.summarize(events, steps=2, cuda=False)
+    summary = profiling.summarize(events, steps=2, cuda=False, op_groups={"detection ops (RoIAlign, NMS, losses)":
+                                                                        DETECTION_OPS})
     assert summary["groups_ms"] == pytest.approx({
         "CBN statistic gradients": 0.016, "CBN record history": 0.0025, "convolutions": 0.025,
         "normalization kernels": 0.0035, "detection ops (RoIAlign, NMS, losses)": 0.004, "rest": 0.004})
