@@ -75,10 +75,10 @@ def parser() -> argparse.ArgumentParser:
                       help=f"whose step to profile, as suites.PROFILED declares (default: {profiled[0]})")
     prof.add_argument("--norm", action="append", metavar="NORM", help="a norm to profile (repeatable; default: cbn)")
     prof.add_argument("--against", default="bn", metavar="NORM", help="the reference norm (default: bn)")
-    prof.add_argument("--profile", help=profile_help + " (table6 only)")
+    prof.add_argument("--profile", help=profile_help + " (for a suite that has profiles)")
     prof.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
     prof.add_argument("--steps", type=int, default=3, help="profiled steps per norm, after 2 unrecorded ones (default: 3)")
-    prof.add_argument("--inference", action="store_true", help="also profile inference steps (table6)")
+    prof.add_argument("--inference", action="store_true", help="also profile inference steps (where the workload has them)")
     prof.add_argument("--memory", action="store_true", help="also write a CUDA allocator snapshot per norm (CUDA only)")
     prof.add_argument("--out", type=Path, default=PROFILES_OUT, help=f"folder for the report and traces (default: {PROFILES_OUT})")
     _suite_options(prof, declared)
@@ -146,11 +146,11 @@ def _suite_options(p: argparse.ArgumentParser, suites: dict) -> None:
 
 
 def _mode_options(p: argparse.ArgumentParser) -> None:
-    """The training mode (bench/training_modes.py), for the suites that take it (table6, classify, micro)."""
+    """The training mode (bench/training_modes.py), for the suites that take it (those whose OPTIONS hold it)."""
     p.add_argument("--precision", choices=list(training_modes.PRECISIONS), help="fp32 (default), or bf16 / fp16 autocast "
                    "(fp16 with a GradScaler, CUDA only); same as --set precision=...")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models (table6: the conv stacks)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (each suite's docs say which parts)")
 
 
 
