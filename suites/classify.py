@@ -21,7 +21,8 @@ from bench.metrics import Collected
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
 from suites import ratios
-from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, DEFAULT_PROFILE, STEP_TIME_OVER_FLOPS, WINDOW
+from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, STEP_TIME_OVER_FLOPS, WINDOW
+from suites.constants import default_profile as default_profile  # the Suite contract's, shared
 from suites.workload import TrainingWorkload, mode_caption, processes_caption, processes_label
 
 NAME = "classify"
@@ -61,10 +62,6 @@ NORMS = {
 OPTIONS = dict(training_modes.OPTIONS)
 COUNTS: dict[str, str] = {}  # counted in each run: a classification step is cheap to count
 LR = 0.1 * 4 / 256  # the paper's ImageNet rate (0.1 per 256 images), scaled to 4 images
-
-
-def default_profile(device: str) -> str:
-    return DEFAULT_PROFILE["cuda" if device == "cuda" else "cpu"]
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:

@@ -41,3 +41,8 @@ CONTROL_MARGIN = {"cuda": 0.03, "cpu": 0.30}
 # that the README's `nox -s bench` (every suite) finishes within half an hour on 2 cores. The cpu
 # profile, which the committed CPU results use, takes about an hour and a half there: name it.
 DEFAULT_PROFILE = {"cuda": "paper", "cpu": "quick"}
+
+
+def default_profile(device: str) -> str:
+    """Every suite's default_profile (bench.suite.Suite): DEFAULT_PROFILE for the device type."""
+    return DEFAULT_PROFILE["cuda" if device == "cuda" else "cpu"]

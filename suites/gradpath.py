@@ -25,7 +25,8 @@ from bench.stats import loglog_slope, ratio_of_medians
 from bench.suite import Case, Measurement, Table, stored_profile
 from bench.timing import synchronize, time_call
 from cbn.statgrad import GRAD_PATHS, ConvGeometry, linear_at
-from suites.constants import AGREEMENT_TOLERANCE, CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE, DEFAULT_PROFILE
+from suites.constants import AGREEMENT_TOLERANCE, CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE
+from suites.constants import default_profile as default_profile  # the Suite contract's, shared
 
 NAME = "gradpath"
 PATHS = ("efficient", "naive")
@@ -60,10 +61,6 @@ LEGACY_PROFILES = {
 }
 OPTIONS: dict[str, tuple[str, ...]] = {}
 COUNTS: dict[str, str] = {}  # nothing to reuse: its counts take no time
-
-
-def default_profile(device: str) -> str:
-    return DEFAULT_PROFILE["cuda" if device == "cuda" else "cpu"]
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:

@@ -30,7 +30,7 @@ from bench.results import CaseResult, Derived, RunResult
 from bench.stats import paired_difference
 from bench.suite import Case, Measurement, Table, stored_profile
 from suites import images, minitrain
-from suites.constants import DEFAULT_PROFILE
+from suites.constants import default_profile as default_profile  # the Suite contract's, shared
 
 NAME = "quality"
 CONTROL_SEED_OFFSET = 1000  # the A/A control's seeds: seed + offset, sharing nothing with seed
@@ -77,10 +77,6 @@ PROFILES = {
 }
 OPTIONS: dict[str, tuple[str, ...]] = {}
 COUNTS: dict[str, str] = {}  # nothing to reuse across runs
-
-
-def default_profile(device: str) -> str:
-    return DEFAULT_PROFILE["cuda" if device == "cuda" else "cpu"]
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:

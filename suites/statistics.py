@@ -50,7 +50,7 @@ from bench.results import CaseResult, Derived, RunResult
 from bench.stats import paired_difference
 from bench.suite import Case, Measurement, Table, stored_profile
 from suites import estimation, images
-from suites.constants import DEFAULT_PROFILE
+from suites.constants import default_profile as default_profile  # the Suite contract's, shared
 
 NAME = "statistics"
 VARIANTS = ("bn", "bn_km", "naive_cbn", "cbn")  # trained side by side in every case
@@ -87,10 +87,6 @@ PROFILES = {
 }
 OPTIONS: dict[str, tuple[str, ...]] = {}
 COUNTS: dict[str, str] = {}  # nothing to reuse across runs
-
-
-def default_profile(device: str) -> str:
-    return DEFAULT_PROFILE["cuda" if device == "cuda" else "cpu"]
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:

@@ -30,7 +30,8 @@ from bench.metrics import Collected, count
 from bench.results import CaseResult, Derived, RunResult
 from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
 from suites import ratios
-from suites.constants import CONTROL, DEFAULT_PROFILE, STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
+from suites.constants import CONTROL, STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
+from suites.constants import default_profile as default_profile  # the Suite contract's, shared
 from suites.data import synthetic_batch
 from suites.models import DetectorSpec, build_detector
 from suites.workload import TrainingWorkload, mode_caption, processes_caption, processes_label
@@ -90,10 +91,6 @@ SYNCBN_ON_CPU = ("not measured: torch's SyncBatchNorm synchronizes CUDA (or XPU)
                  "BN, GN and CBN run across the processes")
 COUNTS = {"train_step_flops": "flop", "forward_macs": "mac", "inference_forward_macs": "mac"}  # device-independent
 POSITIVE_FRACTION = 0.25  # torchvision's box_positive_fraction: the sampler's positive quota
-
-
-def default_profile(device: str) -> str:
-    return DEFAULT_PROFILE["cuda" if device == "cuda" else "cpu"]
 
 
 def profiled_cases(norms: list[str], profile: str | None, device: str,
