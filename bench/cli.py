@@ -339,8 +339,8 @@ def rebuild_index(folder: Path, check: bool) -> int:
         current = readme.exists() and readme.read_text() == index.rebuilt(readme, folder)
         console.print(f"{readme} is up to date" if current else f"[red]{readme} is out of date:[/red] run `python -m bench index`")
         return 0 if current else 1
-    changed = index.update(readme, folder)
-    console.print(f"{readme}: {'rewritten' if changed else 'unchanged'} ({len(index.entries(folder))} files)")
+    changed, listed = index.update(readme, folder)
+    console.print(f"{readme}: {'rewritten' if changed else 'unchanged'} ({listed} files)")
     return 0
 
 

@@ -78,17 +78,19 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def rebuilt(readme: Path, root: Path) -> str:
-    """readme's text with its generated part rebuilt (appended after a marker if it had none)."""
+def rebuilt(readme: Path, root: Path, found: list[Entry] | None = None) -> str:
+    """readme's text with its generated part rebuilt from found (default: entries(root)),
+    appended after a marker if it had none."""
     text = readme.read_text() if readme.exists() else "# Stored results\n"
     head = text.split(MARKER)[0].rstrip() + "\n\n"
-    return head + render(entries(root))
+    return head + render(entries(root) if found is None else found)
 
 
-def update(readme: Path, root: Path) -> bool:
-    """Rewrite readme's generated part; whether it changed."""
-    new = rebuilt(readme, root)
+def update(readme: Path, root: Path) -> tuple[bool, int]:
+    """Rewrite readme's generated part: whether it changed, and how many files it lists."""
+    found = entries(root)
+    new = rebuilt(readme, root, found)
     if readme.exists() and readme.read_text() == new:
-        return False
+        return False, len(found)
     files.write_atomic(readme, new)
-    return True
+    return True, len(found)
