@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench import counts, env, index, profiling, pytest_suites, ranks, report, results, session, training_modes
+from bench import codec, counts, env, index, profiling, pytest_suites, ranks, report, results, session, training_modes
 from bench.gate import commands as gate_commands
 from bench.session import console
 from bench.suite import Table, load_suite
@@ -259,7 +259,8 @@ def profile(args: argparse.Namespace) -> int:
                   f"{args.steps} steps each after 2 unrecorded ones ...")
     found = profiling.run(cases, module, device, kinds, args.steps, args.memory, stem)
     settings = {"suite": args.suite, "profile": profile_name, "device": device, "reference": args.against,
-                "steps": args.steps, "cases": {c.name: c.params for c in cases}}
+                "steps": args.steps, "cases": {c.name: codec.encode(c.settings) for c in cases},
+                "mode": codec.encode(cases[0].mode) if cases else None}
     shown = profiling.tables_of({**settings, "environment": dataclasses.asdict(environment), "profiles": found})
     report.print_tables(shown, console)
     notes = [] if device == "cuda" or not args.memory else ["--memory: the allocator snapshot is CUDA-only; none written"]
@@ -324,12 +325,12 @@ def check_comparable(previous: results.RunResult, profile: str, device_name: str
 
 def compare_table(previous: results.RunResult, current: results.RunResult) -> Table:
     check_comparable(previous, current.profile, current.environment.device_name)
-    before = {(d.suite, d.name): d for d in previous.derived}
+    before = {d.id: d for d in previous.derived}
     rows = []
     for d in current.derived:
-        old = before.get((d.suite, d.name))
+        old = before.get(d.id)
         change = "-" if old is None or old.value == 0 else f"{100 * (d.value / old.value - 1):+.1f}%"
-        rows.append([f"{d.suite}: {d.name}", report.fmt(None if old is None else old.value), report.fmt(d.value), change])
+        rows.append([f"{d.suite}: {d.label}", report.fmt(None if old is None else old.value), report.fmt(d.value), change])
     return Table("comparison with the previous run", ["figure", "previous", "current", "change"], rows)
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 from bench.files import write_atomic
 from bench.results import ResultsFileError, read_json
-from bench.training_modes import OPTIONS as MODE_OPTIONS
 
 SCHEMA = "cbn-bench/counts"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: keyed by a case's typed settings (bench/codec.py's JSON form)
 DEFAULT_FOLDER = Path("results") / "counts"
 
 
@@ -28,11 +27,11 @@ def release(version: str | None) -> str | None:
     return None if version is None else version.split("+", 1)[0]
 
 
-def key(params: dict, torch_version: str, torchvision_version: str | None, cbn_source: str | None) -> str:
-    # Counts do not depend on the training mode: autocast and channels_last change no operation's
-    # shape, and compiled runs are counted eagerly (bench/training_modes.py).
-    params = {k: v for k, v in params.items() if k not in MODE_OPTIONS}
-    return json.dumps({"params": params, "torch": release(torch_version), "torchvision": release(torchvision_version),
+def key(settings: dict, torch_version: str, torchvision_version: str | None, cbn_source: str | None) -> str:
+    # Counts do not depend on the training mode (a case's mode is not part of its settings):
+    # autocast and channels_last change no operation's shape, and compiled runs are counted eagerly
+    # (bench/training_modes.py).
+    return json.dumps({"settings": settings, "torch": release(torch_version), "torchvision": release(torchvision_version),
                        "cbn_source": cbn_source}, sort_keys=True)
 
 
@@ -49,21 +48,22 @@ def load(folder: Path, suite: str) -> dict[str, dict]:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
         raise ResultsFileError(f"{path}: not a {SCHEMA} v{SCHEMA_VERSION} file; "
                                "delete it and rerun `python -m bench counts`")
-    return {key(e["params"], e["torch"], e["torchvision"], e.get("cbn_source")): e for e in data["entries"]}
+    return {key(e["settings"], e["torch"], e["torchvision"], e.get("cbn_source")): e for e in data["entries"]}
 
 
 def save(folder: Path, suite: str, measured: list[tuple[dict, dict]], torch_version: str,
          torchvision_version: str | None, cbn_source: str | None, device_name: str) -> Path:
-    """Add (params, metrics) pairs to the suite's store, replacing entries of the same key."""
+    """Add (settings, metrics) pairs to the suite's store (settings in JSON form), replacing entries
+    of the same key."""
     entries = load(folder, suite)
     date = datetime.now(UTC).isoformat(timespec="seconds")
-    for params, metrics in measured:
-        entries[key(params, torch_version, torchvision_version, cbn_source)] = {
-            "params": params, "torch": release(torch_version), "torchvision": release(torchvision_version),
+    for settings, metrics in measured:
+        entries[key(settings, torch_version, torchvision_version, cbn_source)] = {
+            "settings": settings, "torch": release(torch_version), "torchvision": release(torchvision_version),
             "cbn_source": cbn_source, "metrics": metrics, "counted_on": device_name, "date_utc": date,
         }
     path = _path(folder, suite)
-    ordered = sorted(entries.values(), key=lambda e: json.dumps(e["params"], sort_keys=True))
+    ordered = sorted(entries.values(), key=lambda e: json.dumps(e["settings"], sort_keys=True))
     data = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "entries": ordered}
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return path

@@ -3,7 +3,7 @@
 The runner (bench/runner.py) sends ``Start``, then requests (``Measure``, ``Warmup``, ``Round``,
 ``Profile``) and finally ``Exit``; the worker (bench/worker.py) answers ``Start`` with ``Ready``,
 each request with its reply (``Measured``, ``Warmed``, ``Timed``, ``Profiled``) and any failure
-with ``Failed``, after which it exits. ``encode`` and ``decode`` are the one codec: a message is
+with ``Failed``, after which it exits. ``encode`` and ``decode`` (over bench/codec.py) make a message
 ``{"type": <class name>, "protocol": PROTOCOL_VERSION, <its fields>}``; a line of another version
 or type is refused by name, so a runner and a worker from different checkouts cannot
 misunderstand each other silently. Field values are JSON values (a metric travels in
@@ -12,12 +12,13 @@ bench.metrics.Metric's own JSON form).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 1
+from bench import codec
+
+PROTOCOL_VERSION = 2  # 2: a case's settings, mode and processes typed (bench.suite.Case)
 
 
 class ProtocolError(ValueError):
@@ -113,7 +114,7 @@ MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (Start, Measure, Warmu
 
 def encode(message: Request | Reply) -> str:
     """One JSON line (without its newline)."""
-    return json.dumps({"type": type(message).__name__, "protocol": PROTOCOL_VERSION, **dataclasses.asdict(message)})
+    return json.dumps({"type": type(message).__name__, "protocol": PROTOCOL_VERSION, **codec.encode(message)})
 
 
 def decode(line: str) -> Any:
@@ -129,8 +130,7 @@ def decode(line: str) -> Any:
                             "runner and worker come from different versions of bench")
     cls = MESSAGES[data.pop("type")]
     data.pop("protocol")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ProtocolError(f"{cls.__name__} has no field {', '.join(unknown)}")
-    return cls(**data)
+    try:
+        return codec.decode(cls, data)
+    except codec.CodecError as err:
+        raise ProtocolError(str(err)) from None

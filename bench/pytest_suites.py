@@ -3,10 +3,10 @@ run them in a pytest subprocess and read their JSON as an ordinary run.
 
 pytest-benchmark writes one JSON file per run; the suite's conftest adds cbn-bench's environment
 under ``machine_info["cbn_bench"]``. Read back, each benchmark is a case ``<group>/<norm>`` with a
-timing metric ``time`` (every sample kept) and the counts its extra_info holds (``COUNTED``), and
-each norm's ratio to the group's reference
-(``extra_info["reference"]``) is a derived figure ``<group>.<norm>/<reference> time ratio``, so
-the gate treats these files like any results file.
+timing metric ``time`` (every sample kept) and the counts its extra_info holds (``COUNTED``), its
+settings a ``BenchmarkSettings``, and each norm's ratio to the group's reference
+(``extra_info["reference"]``) is a derived figure with id ``<group>/<norm>/min_time/ratio_to:<reference>``,
+so the gate treats these files like any results file.
 
 The gate's ratios are of minimum times: the benchmarks run one after another, not interleaved,
 and on a shared machine the minimum of hundreds of rounds moved 4-16% between identical runs
@@ -18,15 +18,16 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import results
+from bench import codec, results
 from bench.files import write_atomic
 from bench.metrics import Metric, count
-from bench.results import CaseResult, Derived, Environment, ResultsFileError, RunResult, read_json, slug
+from bench.results import CaseResult, Derived, Environment, FigureId, ResultsFileError, RunResult, read_json, slug
 from bench.stats import quartiles, ratio_of_medians
-from bench.suite import Table
+from bench.suite import Table, settings_of
 from bench.training_modes import Mode
 
 SCHEMA = "cbn-bench/micro"
@@ -38,6 +39,18 @@ TIMING_OPTIONS = ("--benchmark-warmup=on", "--benchmark-min-rounds=10", "--bench
 COUNTED = ("aten_ops", "host_syncs")
 # On CUDA a sample is the device's time between two CUDA events, over at least 10 ms of calls.
 CUDA_TIMING_OPTIONS = ("--benchmark-timer=bench.cuda_clock.now", "--benchmark-min-time=0.01")
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """What a benchmark records of itself in its extra_info: its group (the op timed), its norm,
+    whether it is its group's reference, the input's shape and what it times."""
+
+    group: str
+    norm: str
+    reference: bool = False
+    shape_nchw: tuple[int, ...] | None = None
+    subject: str = ""
 
 
 def registry() -> dict[str, Path]:
@@ -93,7 +106,7 @@ def from_json(data: Any, path: str) -> RunResult:
         raise ResultsFileError(f"{path}: micro schema version {info.get('schema_version')!r}; this cbn-bench reads "
                                f"{SCHEMA_VERSION}: rerun `python -m bench micro`")
     try:
-        mode = Mode.of(info.get("mode", {}))  # files written before modes existed ran fp32, eager
+        mode = Mode.from_options(info.get("mode", {}))  # files written before modes existed ran fp32, eager
         cases = [_case(b, mode) for b in data["benchmarks"]]
         environment = Environment(**info["environment"])
     except (KeyError, TypeError) as err:
@@ -108,32 +121,42 @@ def _case(benchmark: dict, mode: Mode) -> CaseResult:
     # pytest-benchmark keeps hundreds of samples: quartiles, no bootstrap (ratios get theirs in the table)
     summary = {"n": len(samples), "median": median, "q1": q1, "q3": q3, "min": min(samples)}
     extra = benchmark["extra_info"]
-    params = {"group": benchmark["group"], "norm": extra["norm"], "reference": bool(extra.get("reference")),
-              "shape_nchw": extra.get("shape_nchw"), "subject": extra.get("subject", ""), **mode.options()}
+    settings = BenchmarkSettings(benchmark["group"], extra["norm"], bool(extra.get("reference")),
+                                 tuple(extra["shape_nchw"]) if extra.get("shape_nchw") else None, extra.get("subject", ""))
     metrics = {"time": Metric(median, "timing", "s", samples, summary)}
     metrics.update({name: count(extra[name], "1") for name in COUNTED if name in extra})
-    return CaseResult("micro", f"{benchmark['group']}/{extra['norm']}", params, "ok", metrics=metrics)
+    return CaseResult("micro", f"{settings.group}/{settings.norm}", codec.encode(settings), "ok", metrics=metrics,
+                      mode=mode)
+
+
+def _settings(case: CaseResult) -> BenchmarkSettings:
+    return settings_of(BenchmarkSettings, case)
 
 
 def _ratios(cases: list[CaseResult]) -> list[Derived]:
     """Each norm's minimum time over its group reference's minimum time."""
-    references = {c.params["group"]: c for c in cases if c.params["reference"]}
+    settings = {c.case: _settings(c) for c in cases}
+    references = {settings[c.case].group: c for c in cases if settings[c.case].reference}
     out = []
     for c in cases:
-        ref = references.get(c.params["group"])
+        here = settings[c.case]
+        ref = references.get(here.group)
         if ref is None or c is ref:
             continue
         value = min(c.metrics["time"].samples) / min(ref.metrics["time"].samples)
-        out.append(Derived("micro", f"{c.params['group']}.{c.params['norm']}/{ref.params['norm']} time ratio", value,
+        reference = settings[ref.case].norm
+        out.append(Derived(FigureId("micro", c.case, "min_time", f"ratio_to:{reference}"),
+                           f"{here.group}: {here.norm}/{reference} time ratio (minimum times)", value,
                            note="ratio of minimum times", kind="timing"))
     return out
 
 
 def table(run: RunResult, path: str = "") -> Table:
-    groups = list(dict.fromkeys(c.params["group"] for c in run.cases))
-    norms = list(dict.fromkeys(c.params["norm"] for c in run.cases))
-    by_key = {(c.params["group"], c.params["norm"]): c for c in run.cases}
-    references = {c.params["group"]: c for c in run.cases if c.params["reference"]}
+    settings = {c.case: _settings(c) for c in run.cases}
+    groups = list(dict.fromkeys(s.group for s in settings.values()))
+    norms = list(dict.fromkeys(s.norm for s in settings.values()))
+    by_key = {(settings[c.case].group, settings[c.case].norm): c for c in run.cases}
+    references = {settings[c.case].group: c for c in run.cases if settings[c.case].reference}
     rows = []
     for norm in norms:
         row = [norm]
@@ -151,9 +174,9 @@ def table(run: RunResult, path: str = "") -> Table:
                     f"{m.median:.2f} [{m.ci_low:.2f}, {m.ci_high:.2f}]"]
         rows.append(row)
     columns = ["norm"] + [f"{g} {what}" for g in groups for what in ("min ms", "x ref (min)", "x ref (median [95% CI])")]
-    reference = ", ".join(sorted({c.params["norm"] for c in references.values()})) or "none"
-    subjects = ", ".join(sorted({c.params["subject"] for c in run.cases if c.params["subject"]})) or "subject not recorded"
+    reference = ", ".join(sorted({settings[c.case].norm for c in references.values()})) or "none"
+    subjects = ", ".join(sorted({s.subject for s in settings.values() if s.subject})) or "subject not recorded"
     caption = [f"{subjects}; reference {reference}; the gate reads the ratios of minimum times",
                f"device {run.environment.device_name}, profile {run.profile}" + (f"; file {path}" if path else "")]
-    mode = Mode.of(run.cases[0].params) if run.cases else Mode()
+    mode = (run.cases[0].mode if run.cases else None) or Mode()
     return Table(f"Layer micro-benchmarks ({mode.label})", columns, rows, caption)

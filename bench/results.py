@@ -1,9 +1,13 @@
 """Typed results and their JSON storage: one file per run, schema-versioned, written atomically.
 
 Each metric says its kind and unit (bench/metrics.py); values are stored unrounded, and a timing
-keeps its raw samples beside its summary, so any statistic can be redone. Each case's params hold
-the settings it was measured with, so a file renders and compares without today's code. Older
-schema versions are upgraded on load, step by step (UPGRADES).
+keeps its raw samples beside its summary, so any statistic can be redone. Each case holds the
+settings it was measured with (its suite's SETTINGS dataclass, in bench/codec.py's JSON form), its
+training mode and its processes, so a file renders and compares without today's code. A derived
+figure has a structured id (FigureId), which the gate, baselines and tables key on, and a label
+for display only. Files of schema 7 and later are upgraded on load, step by step (UPGRADES);
+older ones, whose settings and figures were untyped, were rewritten once by
+tools/migrate_results.py, which converts any other such file.
 """
 
 from __future__ import annotations
@@ -11,16 +15,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import codec
 from bench.files import write_new
 from bench.metrics import Metric
+from bench.suite import Case, Processes
+from bench.training_modes import Mode
 
 SCHEMA = "cbn-bench/results"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
+FIRST_TYPED_VERSION = 7  # settings and figure ids typed; older files go through tools/migrate_results.py
 STATUSES = ("ok", "error", "skipped", "interrupted")
 
 
@@ -56,7 +65,7 @@ class Environment:
 class CaseResult:
     suite: str
     case: str
-    params: dict[str, Any]
+    settings: dict[str, Any]  # the suite's SETTINGS in JSON form (bench.suite.settings_of decodes it)
     status: str  # one of STATUSES
     error: str | None = None
     metrics: dict[str, Metric] = field(default_factory=dict)
@@ -64,23 +73,54 @@ class CaseResult:
     sampling: dict[str, Any] = field(default_factory=dict)  # how samples were taken (bench/sampling.py)
     missing: dict[str, str] = field(default_factory=dict)  # metric -> why it could not be measured
     work: dict[str, str] = field(default_factory=dict)  # what the case computed on, as digests (bench/suite.py)
+    mode: Mode | None = None  # the training mode it ran in; None for suites that take none
+    processes: Processes = Processes()
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"case status {self.status!r}: choose one of {', '.join(STATUSES)}")
 
 
+def result_of(case: Case, status: str, error: str | None = None, **fields: Any) -> CaseResult:
+    """The result of a planned case: its settings (in JSON form), mode and processes, and fields."""
+    return CaseResult(case.suite, case.name, codec.encode(case.settings), status, error, mode=case.mode,
+                      processes=case.processes, **fields)
+
+
+@dataclass(frozen=True)
+class FigureId:
+    """What a derived figure is, apart from how a table labels it. The gate's thresholds, the
+    baselines and the suites' tables key on it (``key``); labels can change freely."""
+
+    suite: str
+    subject: str  # the case (or group of cases) it describes, e.g. "cbn", "resnet18/cbn", "efficient-3x3"
+    quantity: str  # what is measured, e.g. "train_iter_per_s", "memory", "stat_grad_time"
+    reference: str = ""  # what it is relative to, e.g. "ratio_to:bn", "minus:bn", "loglog_slope_in:C"; "" if absolute
+
+    @property
+    def key(self) -> str:
+        """Its name within the suite, e.g. "cbn/train_iter_per_s/ratio_to:bn" (the gate's metric name after "<suite>.")."""
+        return "/".join(part for part in (self.subject, self.quantity, self.reference) if part)
+
+    def __str__(self) -> str:
+        return f"{self.suite}.{self.key}"
+
+
 @dataclass(frozen=True)
 class Derived:
     """A figure computed from several cases of one run, e.g. a CBN/BN ratio with its interval."""
 
-    suite: str
-    name: str
+    id: FigureId
+    label: str  # for display only: tables and the gate key on id
     value: float
     ci_low: float | None = None
     ci_high: float | None = None
     note: str = ""
     kind: str = "count"  # "timing" when computed from timing samples (so noisy), else "count" or "peak"
+
+    @property
+    def suite(self) -> str:
+        return self.id.suite
 
     @property
     def timing(self) -> bool:
@@ -101,26 +141,26 @@ class RunResult:
     def cases_of(self, suite: str) -> list[CaseResult]:
         return [c for c in self.cases if c.suite == suite]
 
-    def derived_of(self, suite: str) -> dict[str, Derived]:
-        return {d.name: d for d in self.derived if d.suite == suite}
+    def derived_of(self, suite: str) -> dict[FigureId, Derived]:
+        return {d.id: d for d in self.derived if d.suite == suite}
 
 
 # ---------------------------------------------------------------------- storage
 def to_json(run: RunResult) -> str:
-    data = dataclasses.asdict(run)
+    data = codec.encode(dataclasses.replace(run, cases=[]))
     data["cases"] = [case_to_json(c) for c in run.cases]
     return json.dumps(data, indent=1, allow_nan=True)
 
 
 def case_to_json(case: CaseResult) -> dict:
-    data = dataclasses.asdict(case)
+    data = codec.encode(dataclasses.replace(case, metrics={}))
     data["metrics"] = {name: metric.to_json() for name, metric in case.metrics.items()}
     return data
 
 
 def case_from_json(data: dict) -> CaseResult:
     metrics = {name: Metric.from_json(m) for name, m in data.get("metrics", {}).items()}
-    return CaseResult(**{**data, "metrics": metrics})
+    return dataclasses.replace(codec.decode(CaseResult, {**data, "metrics": {}}), metrics=metrics)
 
 
 def save_new(run: RunResult, folder: Path, stem: str) -> Path:
@@ -138,90 +178,8 @@ def slug(text: str) -> str:
 
 
 # ---------------------------------------------------------------------- loading
-def _upgrade_0_to_1(data: dict) -> dict:
-    # Version 0 (pre-release) called the derived figures "ratios" and had no case notes.
-    data = dict(data, schema_version=1)
-    data["derived"] = data.pop("ratios", [])
-    for case in data.get("cases", []):
-        case.setdefault("notes", [])
-    return data
-
-
-def _upgrade_1_to_2(data: dict) -> dict:
-    # Version 1 had no timing flag on derived figures; its timing figures were the ratios with an
-    # interval, the log-log time slopes and CBN's step-time over FLOP ratio.
-    data = dict(data, schema_version=2)
-    for d in data.get("derived", []):
-        d.setdefault("timing", d.get("ci_low") is not None or "slope" in d["name"] or "step-time" in d["name"])
-    return data
-
-
-def _upgrade_2_to_3(data: dict) -> dict:
-    # Version 2 took one sample per round, none discarded, the cases in a fixed order, and emptied
-    # CUDA caches after every command.
-    data = dict(data, schema_version=3)
-    cuda = data.get("device", "").startswith("cuda")
-    for case in data.get("cases", []):
-        case.setdefault("sampling", {"kept_per_round": 1, "discarded_per_round": 0, "order": "fixed",
-                                     "cuda_cache": "emptied after every command" if cuda else "not applicable"})
-    return data
-
-
-# Version 3 named a metric's kind and unit by suffix: "_flops", "_macs", "_bytes", and timings as
-# raw samples under "samples" plus "<stem>_median_s", "_q1_s", "_q3_s", "_ci_low_s", "_ci_high_s".
-_V3_SUMMARY = ("median", "q1", "q3", "ci_low", "ci_high")
-_V3_TIMING_NAMES = {"train_step_s": "train_step_time", "inference_s": "inference_time", "stat_grad_s": "stat_grad_time"}
-
-
-def _v3_kind(name: str) -> tuple[str, str]:
-    if name.endswith("_flops"):
-        return "count", "flop"
-    if name.endswith("_macs"):
-        return "count", "mac"
-    if name.startswith(("peak_", "nvml_")):
-        return "peak", "byte"
-    if name.endswith("_bytes"):
-        return "count", "byte"
-    return "count", "1"  # parameters, cbn_layers, max_relative_difference_to_efficient
-
-
-def _upgrade_3_to_4(data: dict) -> dict:
-    data = dict(data, schema_version=4)
-    for case in data.get("cases", []):
-        old, samples = case.get("metrics", {}), case.pop("samples", {})
-        summaries = {f"{name.removesuffix('_s')}_{stat}_s" for name in samples for stat in _V3_SUMMARY}
-        metrics = {}
-        for name, value in old.items():
-            if name not in summaries:
-                kind, unit = _v3_kind(name)
-                metrics[name] = {"value": value, "kind": kind, "unit": unit}
-        for name, values in samples.items():
-            stem = name.removesuffix("_s")
-            summary = {stat: old.get(f"{stem}_{stat}_s") for stat in _V3_SUMMARY}
-            metrics[_V3_TIMING_NAMES.get(name, f"{stem}_time")] = {
-                "value": summary["median"], "kind": "timing", "unit": "s", "samples": values, "summary": {"n": len(values), **summary}}
-        case["metrics"] = metrics
-    for d in data.get("derived", []):
-        d["kind"] = "timing" if d.pop("timing", False) else "count"
-    return data
-
-
-def _upgrade_4_to_5(data: dict) -> dict:
-    # Version 5 added what a case on several processes records (bench/ranks.py): each rank's value
-    # of a metric ("per_rank"), and "world_size", "backend" and "nodes" in the case's params. Every case of
-    # a version 4 file ran in one process, which is what their absence means: nothing to convert.
-    return dict(data, schema_version=5)
-
-
-def _upgrade_5_to_6(data: dict) -> dict:
-    # Version 6 added each timing sample's round ("rounds"), a case's metrics that failed to be
-    # measured ("missing") and digests of its work ("work"). A version 5 case has none of them: its
-    # samples were kept in consecutive groups of sampling["kept_per_round"] (Metric.by_round).
-    return dict(data, schema_version=6)
-
-
-UPGRADES = {0: _upgrade_0_to_1, 1: _upgrade_1_to_2, 2: _upgrade_2_to_3, 3: _upgrade_3_to_4, 4: _upgrade_4_to_5,
-            5: _upgrade_5_to_6}
+# Schema version -> the function that upgrades a file of that version by one step.
+UPGRADES: dict[int, Callable[[dict], dict]] = {}
 
 
 def read_json(path: Path, what: str) -> Any:  # JSON: checked by its reader
@@ -256,20 +214,15 @@ def parse(data: Any, path: str) -> tuple[RunResult, int]:
         raise ResultsFileError(
             f"{path}: schema version {version!r} is newer than this cbn-bench understands ({SCHEMA_VERSION}); upgrade cbn-bench"
         )
+    if version < FIRST_TYPED_VERSION:
+        raise ResultsFileError(f"{path}: schema version {version}, from before settings and figure ids were typed; "
+                               f"convert it with `python tools/migrate_results.py {path}`")
     while version < SCHEMA_VERSION:
         data = UPGRADES[version](data)
         version = data["schema_version"]
     try:
-        run = RunResult(
-            profile=data["profile"],
-            device=data["device"],
-            suites=list(data["suites"]),
-            environment=Environment(**data["environment"]),
-            cases=[case_from_json(c) for c in data["cases"]],
-            derived=[Derived(**d) for d in data.get("derived", [])],
-            schema=data["schema"],
-            schema_version=data["schema_version"],
-        )
+        cases = [case_from_json(c) for c in data["cases"]]
+        run = codec.decode(RunResult, {**data, "cases": []})
     except (KeyError, TypeError, ValueError) as err:
         raise ResultsFileError(f"{path}: malformed results file ({err})") from None
-    return run, stored
+    return dataclasses.replace(run, cases=cases), stored

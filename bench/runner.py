@@ -26,8 +26,8 @@ from typing import Any
 
 from bench import cuda_math, protocol, ranks, sampling
 from bench.metrics import Metric, timing
-from bench.results import CaseResult
-from bench.suite import Case
+from bench.results import CaseResult, result_of
+from bench.suite import Case, encode_case
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ class WorkerProcess:
         # Its own session: a timeout kills the whole tree (kill_tree).
         self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                       text=True, env=worker_env(), start_new_session=True)
-        self._send(protocol.Start(dataclasses.asdict(case), suite_module, device, threads, cuda_math.DEFAULT.to_dict(),
+        self._send(protocol.Start(encode_case(case), suite_module, device, threads, cuda_math.DEFAULT.to_dict(),
                                   known_counts))
         self._receive(case.timeout_s)
 
@@ -187,7 +187,7 @@ def run_cases(cases: list[Case], suite_modules: dict[str, str], device: str, thr
         interrupted = True
     ordered = []
     for case in cases:
-        default = CaseResult(case.suite, case.name, case.params, "interrupted", "run interrupted before this case finished")
+        default = result_of(case, "interrupted", "run interrupted before this case finished")
         ordered.append(results.get((case.suite, case.name), default))
     return ordered, interrupted
 
@@ -239,8 +239,8 @@ class _GroupRun:
         except WorkerError as err:
             self._drop(case.name)
             measured = self.measured.get(case.name)
-            self.results[(case.suite, case.name)] = CaseResult(case.suite, case.name, case.params, "error", str(err),
-                                                               notes=list(measured.notes) if measured else [])
+            self.results[(case.suite, case.name)] = result_of(case, "error", str(err),
+                                                              notes=list(measured.notes) if measured else [])
         self.hook.advance()
 
     def _start(self, case: Case) -> None:
@@ -254,9 +254,9 @@ class _GroupRun:
         if reply.status == "skipped" or reply.error:
             status = "skipped" if reply.status == "skipped" else "error"
             self._drop(case.name)
-            self.results[(case.suite, case.name)] = CaseResult(
-                case.suite, case.name, case.params, status, reply.error, _metrics(reply), notes=list(reply.notes),
-                missing=dict(reply.missing), work=dict(reply.work))
+            self.results[(case.suite, case.name)] = result_of(
+                case, status, reply.error, metrics=_metrics(reply), notes=list(reply.notes), missing=dict(reply.missing),
+                work=dict(reply.work))
             for _ in range(case.rounds + 1):  # its warm-up and rounds will not run
                 self.hook.advance()
 
@@ -295,9 +295,9 @@ class _GroupRun:
         metrics.update({name: timing(list(values), ranks.rank_medians(per_rank[name]) if name in per_rank else (),
                                      tuple(rounds[name]))
                         for name, values in self.samples[case.name].items()})
-        self.results[(case.suite, case.name)] = CaseResult(
-            case.suite, case.name, case.params, status, error, metrics, list(measured.notes),
-            sampling=self.sampling[case.name].to_dict(), missing=dict(measured.missing), work=dict(measured.work))
+        self.results[(case.suite, case.name)] = result_of(
+            case, status, error, metrics=metrics, notes=list(measured.notes), sampling=self.sampling[case.name].to_dict(),
+            missing=dict(measured.missing), work=dict(measured.work))
 
     def _drop(self, name: str) -> None:
         worker = self.workers.pop(name, None)

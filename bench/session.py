@@ -17,9 +17,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bench import counts, cuda_math, env, files, journal, protocol, ranks, report, results, runner
+from bench import codec, counts, cuda_math, env, files, journal, protocol, ranks, report, results, runner
 from bench.runner import ProgressHook, WorkerProcess, run_cases, steps
-from bench.suite import Case, load_suite
+from bench.suite import Case, Processes, load_suite
 
 SUITES_PACKAGE = "suites"  # a package whose SUITES maps suite names to modules
 DEFAULT_OUT = Path("results") / "runs"
@@ -73,9 +73,9 @@ def plan(names: list[str], profile: str | None, device: str | None, rounds: int 
         cases = [c for c in cases if c.name in only]
     ranks.check_nproc(nproc, device)
     nodes.check()
-    if nproc * nodes.count > 1:  # what the results record of it, in each case's params
-        distributed = {"world_size": nproc * nodes.count, "backend": ranks.backend_for(device), "nodes": nodes.count}
-        cases = [dataclasses.replace(c, nproc=nproc, params={**c.params, **distributed}) for c in cases]
+    if nproc * nodes.count > 1:  # what the results record of it, in each case
+        processes = Processes(nproc * nodes.count, ranks.backend_for(device), nodes.count)
+        cases = [dataclasses.replace(c, nproc=nproc, processes=processes) for c in cases]
     return Plan(names, suites, device, profile, cases, nproc, nodes)
 
 
@@ -137,7 +137,7 @@ def known_counts(p: Plan, environment: results.Environment) -> dict[tuple[str, s
             continue
         stored = counts.load(counts.DEFAULT_FOLDER, name)
         for case in (c for c in p.cases if c.suite == name):
-            entry = stored.get(counts.key(case.params, environment.torch_version, environment.torchvision_version,
+            entry = stored.get(counts.key(codec.encode(case.settings), environment.torch_version, environment.torchvision_version,
                                           environment.cbn_source))
             if entry is not None and set(suite.COUNTS) <= set(entry["metrics"]):
                 known[(name, case.name)] = entry
@@ -164,7 +164,7 @@ def count(p: Plan, threads: int | None, folder: Path) -> list[Path]:
                 worker.close()
             metrics = {k: reply.metrics[k] for k in names if k in reply.metrics}
             console.print(f"  {metrics} in {time.perf_counter() - started:.0f} s", highlight=False)
-            measured.append((case.params, metrics))
+            measured.append((codec.encode(case.settings), metrics))
         written.append(counts.save(folder, name, measured, environment.torch_version, environment.torchvision_version,
                                    environment.cbn_source, environment.device_name))
     return written
@@ -180,8 +180,8 @@ def counts_from_run(path: Path, folder: Path) -> list[Path]:
     written = []
     for name in run_result.suites:
         names = load_suite(registry, name).COUNTS
-        measured = [(c.params, {k: c.metrics[k].value for k in names}) for c in run_result.cases_of(name)
-                    if c.status == "ok" and "settings" in c.params and set(names) <= set(c.metrics)]
+        measured = [(c.settings, {k: c.metrics[k].value for k in names}) for c in run_result.cases_of(name)
+                    if c.status == "ok" and set(names) <= set(c.metrics)]
         if measured:
             e = run_result.environment
             written.append(counts.save(folder, name, measured, e.torch_version, e.torchvision_version, e.cbn_source,

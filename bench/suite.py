@@ -13,16 +13,39 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from bench import codec
 from bench.metrics import Metric
+from bench.training_modes import Mode
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes a case runs on together (bench/ranks.py): one, unless --nproc or --nnodes."""
+
+    world_size: int = 1
+    backend: str = ""  # the process group's ("gloo", "nccl"); "" for one process
+    nodes: int = 1
+
+    @property
+    def label(self) -> str:
+        """"" for one process, else e.g. ", 2 processes (gloo)" for a table's title."""
+        return "" if self.world_size == 1 else f", {self.world_size} processes ({self.backend})"
 
 
 @dataclass(frozen=True)
 class Case:
+    """One configuration a suite measures: its settings (the suite's SETTINGS dataclass), the
+    training mode it runs in (None for suites that take none) and the processes it spans."""
+
     suite: str
     name: str
-    params: dict[str, Any]
+    settings: Any  # an instance of the suite's SETTINGS
+    mode: Mode | None = None
+    processes: Processes = Processes()
     group: str = ""  # cases of one group are timed interleaved, round by round
     rounds: int = 5  # timed rounds
     kept_per_round: int = 1  # samples kept per round (bench/sampling.py; CUDA also discards one first)
@@ -94,6 +117,7 @@ class Suite(Protocol):
     """What a suite module defines (names as module attributes; checked by ``check_suite``)."""
 
     NAME: str
+    SETTINGS: type  # the frozen dataclass of a case's settings, stored in the results (bench/codec.py)
     PROFILES: dict[str, Any]  # profile name -> a frozen dataclass of its settings
     OPTIONS: dict[str, tuple[str, ...]]  # option -> allowed values, the first the default (--set KEY=VALUE)
     COUNTS: dict[str, str]  # device-independent count metrics -> unit, reusable from bench/counts.py; may be empty
@@ -119,6 +143,9 @@ def check_suite(module: ModuleType) -> ModuleType:
     gaps = [f"{name} (a function)" for name in _CALLABLES if not callable(getattr(module, name, None))]
     if not isinstance(getattr(module, "NAME", None), str):
         gaps.append("NAME (a str)")
+    settings = getattr(module, "SETTINGS", None)
+    if not (isinstance(settings, type) and dataclasses.is_dataclass(settings)):
+        gaps.append("SETTINGS (a dataclass)")
     profiles = getattr(module, "PROFILES", None)
     if not isinstance(profiles, dict) or not profiles or not all(dataclasses.is_dataclass(p) for p in profiles.values()):
         gaps.append("PROFILES (a non-empty dict of profile name -> dataclass)")
@@ -133,15 +160,20 @@ def check_suite(module: ModuleType) -> ModuleType:
     return module
 
 
-def stored_profile(cls: type, params: dict, legacy: dict[str, Any]) -> Any:
-    """The profile (a dataclass of type cls) a case was measured with: the settings stored in its
-    params, or, for files written before settings were stored (schema 3 and older), the suite's
-    profile of that name as it was defined then (legacy)."""
-    stored = params.get("settings")
-    if stored is None:
-        return legacy[params["profile"]]
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in names})
+def encode_case(case: Case) -> dict[str, Any]:
+    """A case as JSON (what the runner sends a worker)."""
+    return codec.encode(case)
+
+
+def decode_case(suite: ModuleType, data: dict[str, Any]) -> Case:
+    """A case from encode_case, its settings rebuilt as the suite's SETTINGS."""
+    case = codec.decode(Case, data)
+    return dataclasses.replace(case, settings=codec.decode(suite.SETTINGS, case.settings))
+
+
+def settings_of(cls: type[T], case: Any) -> T:
+    """A stored case's settings (bench.results.CaseResult.settings, JSON) as the suite's SETTINGS cls."""
+    return codec.decode(cls, case.settings)
 
 
 def resolve_options(suite: str, allowed: dict[str, tuple[str, ...]], options: dict[str, str] | None) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """Training modes: the precision (torch.autocast, with a GradScaler for float16), the memory format
 and torch.compile a workload runs in.
 
-A mode travels as suite options (``precision``, ``channels_last``, ``compile``; the command line's
-``--precision``, ``--channels-last`` and ``--compile``), so it is stored in every case's params,
-named in table titles, and the gate refuses to compare runs of different modes.
+A mode is chosen through suite options (``precision``, ``channels_last``, ``compile``; the command
+line's ``--precision``, ``--channels-last`` and ``--compile``) and is a typed field of every case
+that runs in one (bench.suite.Case.mode), named in table titles; the gate refuses to compare runs
+of different modes.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ class Mode:
             raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
     @classmethod
-    def of(cls, params: dict) -> Mode:
-        """The mode stored in a case's params (fp32, eager, contiguous when it stores none: older files)."""
-        return cls(params.get("precision", "fp32"), params.get("channels_last") == "on", params.get("compile") == "on")
+    def from_options(cls, options: dict[str, str]) -> Mode:
+        """The mode that suite options ask for ("on"/"off" strings; fp32, eager, contiguous by default)."""
+        return cls(options.get("precision", "fp32"), options.get("channels_last") == "on", options.get("compile") == "on")
 
     def options(self) -> dict[str, str]:
         return {"precision": self.precision, "channels_last": _on(self.channels_last), "compile": _on(self.compile)}

@@ -31,7 +31,7 @@ import torch
 from bench import protocol, ranks
 from bench.cuda_math import CudaMath
 from bench.profiling import profile_steps
-from bench.suite import Case, Profiled, ReusesCounts, Workload
+from bench.suite import Case, Profiled, ReusesCounts, Workload, decode_case
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         start = next_request()
         if not isinstance(start, protocol.Start):
             raise protocol.ProtocolError(f"expected Start, got {type(start).__name__}")
-        case = Case(**start.case)
-        _apply_limits(case, start)
         import importlib
 
         suite = importlib.import_module(start.suite_module)
+        case = decode_case(suite, start.case)
+        _apply_limits(case, start)
         workload = suite.build(case, start.device)
         if start.known_counts and isinstance(workload, ReusesCounts):
             workload.reuse_counts(start.known_counts)  # stored device-independent counts (bench/counts.py)

@@ -7,7 +7,6 @@ bookkeeping is a larger share of the step than in table6, so this is where its o
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +17,12 @@ from torch import nn
 import cbn
 from bench import ranks, training_modes
 from bench.metrics import Collected
-from bench.results import CaseResult, Derived, RunResult
-from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
+from bench.results import CaseResult, Derived, FigureId, RunResult
+from bench.suite import Case, Measurement, Table, resolve_options, settings_of
 from suites import ratios
-from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, STEP_TIME_OVER_FLOPS, WINDOW
+from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, WINDOW
 from suites.constants import default_profile as default_profile  # the Suite contract's, shared
-from suites.workload import TrainingWorkload, mode_caption, processes_caption, processes_label
+from suites.workload import TrainingWorkload, mode_caption, processes_caption
 
 NAME = "classify"
 
@@ -64,24 +63,27 @@ COUNTS: dict[str, str] = {}  # counted in each run: a classification step is che
 LR = 0.1 * 4 / 256  # the paper's ImageNet rate (0.1 per 256 images), scaled to 4 images
 
 
+@dataclass(frozen=True)
+class Settings:
+    """One case: the profile, the model (a key of MODELS) and the norm (a key of NORMS)."""
+
+    profile: Profile
+    model: str
+    norm: str
+    window: int = WINDOW  # CBN's k
+
+
+SETTINGS = Settings
+
+
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
-    mode = training_modes.Mode.of(resolve_options(NAME, OPTIONS, options)).check(device)
+    mode = training_modes.Mode.from_options(resolve_options(NAME, OPTIONS, options)).check(device)
     p = PROFILES[profile]
     return [
-        Case(NAME, f"{model}/{name}", {"profile": profile, "settings": settings(p), "model": model, "norm": name,
-                                       **mode.options()},
+        Case(NAME, f"{model}/{name}", Settings(p, model, name), mode,
              group=model, rounds=p.rounds, timeout_s=p.timeout_s, kept_per_round=p.kept_per_round)
         for model in p.models for name in p.norms
     ]
-
-
-def settings(p: Profile) -> dict:
-    """What a case is measured with, stored in its params so results render without today's PROFILES."""
-    return {**dataclasses.asdict(p), "models": list(p.models), "norms": list(p.norms), "window": WINDOW}
-
-
-def profile_of(params: dict) -> Profile:
-    return stored_profile(Profile, params, {})
 
 
 def build_model(model: str, norm: str) -> nn.Module:
@@ -95,17 +97,18 @@ def build_model(model: str, norm: str) -> nn.Module:
 
 # ---------------------------------------------------------------------- the workload (in the worker)
 class ClassifyWorkload(TrainingWorkload):
-    def __init__(self, params: dict, device: str) -> None:
-        self.profile = p = profile_of(params)
+    def __init__(self, case: Case, device: str) -> None:
+        s: Settings = case.settings
+        self.profile = p = s.profile
         self.device = torch.device(device)
-        self.model = build_model(params["model"], params["norm"]).to(self.device)
+        self.model = build_model(s.model, s.norm).to(self.device)
         gen = torch.Generator().manual_seed(ranks.rank())  # each rank its own images
         self.images = torch.rand(p.images_per_device, 3, p.image_px, p.image_px, generator=gen).to(self.device)
         self.labels = torch.randint(0, 1000, (p.images_per_device,), generator=gen).to(self.device)
         self.distribute()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
         self.steps_done = 0
-        self.mode = training_modes.Mode.of(params)
+        self.mode = case.mode or training_modes.Mode()
         self.enter_mode()
 
     def loss(self) -> torch.Tensor:
@@ -125,23 +128,23 @@ class ClassifyWorkload(TrainingWorkload):
 
 
 def build(case: Case, device: str) -> ClassifyWorkload:
-    return ClassifyWorkload(case.params, device)
+    return ClassifyWorkload(case, device)
 
 
 # ---------------------------------------------------------------------- reporting (in the runner)
 def derive(case_results: list[CaseResult]) -> list[Derived]:
     out = []
-    for model in dict.fromkeys(c.params["model"] for c in case_results):
-        by_norm = {c.params["norm"]: c for c in case_results if c.params["model"] == model and c.status == "ok"}
+    settings = {c.case: settings_of(Settings, c) for c in case_results}
+    for model in dict.fromkeys(s.model for s in settings.values()):
+        by_norm = {settings[c.case].norm: c for c in case_results if settings[c.case].model == model and c.status == "ok"}
         bn = by_norm.get("bn")
         if bn is None:
             continue
-        prefix = f"{model}."
-        out += [d for norm, case in by_norm.items() if norm != "bn" for d in ratios.to_bn(NAME, prefix, norm, case, bn)]
+        out += [d for norm, case in by_norm.items() if norm != "bn" for d in ratios.to_bn(NAME, case, bn)]
         if CONTROL in by_norm:
-            out += ratios.control_checks(NAME, prefix, by_norm[CONTROL], bn)
+            out += ratios.control_checks(NAME, by_norm[CONTROL], bn)
         if "cbn" in by_norm:
-            out += ratios.step_time_over_flops(NAME, prefix, by_norm["cbn"], bn)
+            out += ratios.step_time_over_flops(NAME, by_norm["cbn"], bn)
     return out
 
 
@@ -149,12 +152,14 @@ def tables(run: RunResult) -> list[Table]:
     cases_here = run.cases_of(NAME)
     derived = run.derived_of(NAME)
     out = []
-    for model in dict.fromkeys(c.params["model"] for c in cases_here):
-        rows = [_row(c, derived) for c in cases_here if c.params["model"] == model]
-        p = profile_of(cases_here[0].params)
+    settings = {c.case: settings_of(Settings, c) for c in cases_here}
+    for model in dict.fromkeys(s.model for s in settings.values()):
+        rows = [_row(c, settings[c.case], derived) for c in cases_here if settings[c.case].model == model]
+        first = cases_here[0]
+        p = settings[first.case].profile
         title = (f"Classification, profile {run.profile}: {_model_label(model)}, every BN replaced, "
-                 f"{p.images_per_device} x {p.image_px}x{p.image_px} images, {training_modes.Mode.of(cases_here[0].params).label}, "
-                 f"on {run.environment.device_name}{processes_label(cases_here[0].params)}")
+                 f"{p.images_per_device} x {p.image_px}x{p.image_px} images, {(first.mode or training_modes.Mode()).label}, "
+                 f"on {run.environment.device_name}{first.processes.label}")
         out.append(Table(title, ["norm", *ratios.COLUMNS], rows, _caption(run, model, derived)))
     return out
 
@@ -163,16 +168,19 @@ def _model_label(model: str) -> str:
     return {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}.get(model, model)
 
 
-def _row(case: CaseResult, derived: dict[str, Derived]) -> list[str]:
-    norm = case.params["norm"]
-    label = NORMS[norm][2] if norm in NORMS else norm
+def _row(case: CaseResult, settings: Settings, derived: dict[FigureId, Derived]) -> list[str]:
+    label = _norm_label(settings.norm)
     if case.status != "ok":
         return [label, *ratios.failed_cells(case)]
-    return [label, *ratios.cells(case, norm, f"{case.params['model']}.", derived)]
+    return [label, *ratios.cells(case, derived)]
 
 
-def _caption(run: RunResult, model: str, derived: dict[str, Derived]) -> list[str]:
-    cases_here = [c for c in run.cases_of(NAME) if c.params["model"] == model]
+def _norm_label(norm: str) -> str:
+    return NORMS[norm][2] if norm in NORMS else norm
+
+
+def _caption(run: RunResult, model: str, derived: dict[FigureId, Derived]) -> list[str]:
+    cases_here = [c for c in run.cases_of(NAME) if settings_of(Settings, c).model == model]
     lines = [
         "memory: " + ("torch.cuda.max_memory_allocated over one training step" if run.device == "cuda" else
                       "counted bytes a training step holds: parameters, gradients, SGD momentum, tensors saved "
@@ -182,12 +190,12 @@ def _caption(run: RunResult, model: str, derived: dict[str, Derived]) -> list[st
         f"iter/s: 1 / median of {ratios.samples(cases_here)} samples from {ratios.rounds(cases_here)} interleaved rounds "
         f"({ratios.sampling_text(cases_here, run.device)}); ratios to BN paired by round (geometric mean of the "
         "rounds' ratios, 95% t-interval); random weights, synthetic images, SGD with momentum; GN: 32 groups",
-        *mode_caption(training_modes.Mode.of(cases_here[0].params), "the whole model"),
-        *processes_caption(cases_here[0].params),
+        *mode_caption(cases_here[0].mode or training_modes.Mode(), "the whole model"),
+        *processes_caption(cases_here[0].processes),
     ]
-    lines += ratios.control_caption(f"{model}.", derived, run.device)
-    lines += ratios.missing_lines(cases_here, lambda c: NORMS[c.params["norm"]][2])
-    check = derived.get(f"{model}.{STEP_TIME_OVER_FLOPS}")
+    lines += ratios.control_caption(NAME, f"{model}/", derived, run.device)
+    lines += ratios.missing_lines(cases_here, lambda c: _norm_label(settings_of(Settings, c).norm))
+    check = derived.get(ratios.step_time_over_flops_id(NAME, f"{model}/cbn"))
     if check is not None:
         target = CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"]
         lines.append(ratios.verdict(check, target, run.device, enforced=False))

@@ -43,7 +43,7 @@ def micro_mode(request: pytest.FixtureRequest) -> Mode:
 
 
 def _mode(config: pytest.Config) -> Mode:
-    return Mode.of({key: config.getoption(f"--micro-{key.replace('_', '-')}") for key in OPTIONS})
+    return Mode.from_options({key: config.getoption(f"--micro-{key.replace('_', '-')}") for key in OPTIONS})
 
 
 def pytest_configure(config: pytest.Config) -> None:

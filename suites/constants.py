@@ -16,7 +16,6 @@ AGREEMENT_TOLERANCE = 1e-3
 # results/thresholds.toml enforces the same numbers (tests/test_thresholds.py keeps them equal).
 # On CUDA the paper's own margin. On CPU the gate's small quick profile, where non-conv host work
 # weighs more, measured 1.025-1.062 over five identical runs (docs/calibration.md), hence 1.10.
-STEP_TIME_OVER_FLOPS = "cbn/bn step-time ratio over training-FLOP ratio"
 STEP_TIME_OVER_FLOPS_TARGET = {"cuda": 1.05, "cpu": 1.10}
 
 # The same check on classification backbones (suites/classify.py), where CBN's bookkeeping weighs

@@ -8,7 +8,6 @@ records the largest difference, so every run checks that the two paths agree.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from torch import nn
 from bench import memory, report, sampling
 from bench.files import write_atomic
 from bench.metrics import Metric, count, peak
-from bench.results import CaseResult, Derived, RunResult
+from bench.results import CaseResult, Derived, FigureId, RunResult
 from bench.stats import loglog_slope, ratio_of_medians
-from bench.suite import Case, Measurement, Table, stored_profile
+from bench.suite import Case, Measurement, Table, settings_of
 from bench.timing import synchronize, time_call
 from cbn.statgrad import GRAD_PATHS, ConvGeometry, linear_at
 from suites.constants import AGREEMENT_TOLERANCE, CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE
@@ -52,35 +51,35 @@ PROFILES = {
     "quick": Profile((64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=CPU_NAIVE_BUDGET_BYTES),  # the CI gate's
     "smoke": Profile((8, 16), 1, 8, 12, rounds=2, naive_budget_bytes=1 << 30),
 }
-# The profiles while results files stored only a profile's name (up to commit 697dbca); do not edit.
-LEGACY_PROFILES = {
-    "paper": Profile((16, 32, 64, 128, 256, 512), 2, 100, 152, rounds=10, naive_budget_bytes=None),
-    "cpu": Profile((16, 32, 64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=8 << 30),
-    "quick": Profile((64, 128, 256), 1, 32, 48, rounds=3, naive_budget_bytes=8 << 30),
-    "smoke": Profile((8, 16), 1, 8, 12, rounds=2, naive_budget_bytes=1 << 30),
-}
 OPTIONS: dict[str, tuple[str, ...]] = {}
 COUNTS: dict[str, str] = {}  # nothing to reuse: its counts take no time
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One case: the profile, the path (a key of cbn.statgrad.GRAD_PATHS), the kernel and C."""
+
+    profile: Profile
+    path: str
+    kernel: int
+    channels: int
+    block_s: float = BLOCK_S  # a sample times a block of calls of at least this long
+    agreement_tolerance: float = AGREEMENT_TOLERANCE
+
+
+SETTINGS = Settings
 
 
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
     p = PROFILES[profile]
     return [
-        Case(NAME, f"{path}-{k}x{k}-C{c}",
-             {"profile": profile, "settings": settings(p), "path": path, "kernel": k, "channels": c},
-             group=f"{k}x{k}-C{c}", rounds=p.rounds, timeout_s=600)
+        Case(NAME, case_name(path, k, c), Settings(p, path, k, c), group=f"{k}x{k}-C{c}", rounds=p.rounds, timeout_s=600)
         for k in KERNELS for c in p.channels for path in PATHS
     ]
 
 
-def settings(p: Profile) -> dict:
-    """What a case is measured with, stored in its params so results render without today's PROFILES."""
-    return {**dataclasses.asdict(p), "channels": list(p.channels), "block_s": BLOCK_S,
-            "agreement_tolerance": AGREEMENT_TOLERANCE}
-
-
-def profile_of(params: dict) -> Profile:
-    return stored_profile(Profile, params, LEGACY_PROFILES)
+def case_name(path: str, kernel: int, channels: int) -> str:
+    return f"{path}-{kernel}x{kernel}-C{channels}"
 
 
 def naive_bytes_estimate(c: int, kernel: int, batch: int, height: int, width: int) -> int:
@@ -91,15 +90,15 @@ def naive_bytes_estimate(c: int, kernel: int, batch: int, height: int, width: in
 
 
 class StatGradWorkload:
-    def __init__(self, params: dict, device: str) -> None:
-        p = profile_of(params)
+    def __init__(self, settings: Settings, device: str) -> None:
+        p = settings.profile
         self.device = torch.device(device)
-        self.params, self.profile = params, p
-        c, k = params["channels"], params["kernel"]
+        self.settings, self.profile = settings, p
+        c, k = settings.channels, settings.kernel
         torch.manual_seed(0)
         conv = nn.Conv2d(c, c, k, padding=k // 2, bias=False).to(self.device)
         self.geometry = ConvGeometry.of(conv)
-        self.path = GRAD_PATHS[params["path"]]
+        self.path = GRAD_PATHS[settings.path]
         with torch.no_grad():
             self.y = torch.randn(p.batch, c, p.height_px, p.width_px, device=self.device)
             self.weight = conv.weight.detach().clone()
@@ -119,8 +118,8 @@ class StatGradWorkload:
         return now_mean - self.mean, now_sq - 2 * self.mean_sq
 
     def measure(self) -> Measurement:
-        p, c, k = self.profile, self.params["channels"], self.params["kernel"]
-        if self.params["path"] == "naive":
+        p, c, k = self.profile, self.settings.channels, self.settings.kernel
+        if self.settings.path == "naive":
             total = None if p.naive_budget_bytes else torch.cuda.get_device_properties(self.device).total_memory
             budget = p.naive_budget_bytes or int(CUDA_NAIVE_BUDGET_SHARE * total)
             need = naive_bytes_estimate(c, k, p.batch, p.height_px, p.width_px)
@@ -131,7 +130,7 @@ class StatGradWorkload:
         metrics, result = self._peak_memory()
         metrics["stored_bytes_per_step"] = count(self.stored_bytes + 2 * c * 4, "byte")  # + mean and var
         error = None
-        if self.params["path"] == "naive":
+        if self.settings.path == "naive":
             reference = self.work(GRAD_PATHS["efficient"])
             diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(result, reference))
             metrics["max_relative_difference_to_efficient"] = count(diff, "1")
@@ -168,12 +167,30 @@ class StatGradWorkload:
 
 
 def build(case: Case, device: str) -> StatGradWorkload:
-    return StatGradWorkload(case.params, device)
+    return StatGradWorkload(case.settings, device)
 
 
 # ---------------------------------------------------------------------- reporting
+def _key(case: CaseResult) -> tuple[str, int, int]:
+    s = settings_of(Settings, case)
+    return s.path, s.kernel, s.channels
+
+
 def _ok(case_results: list[CaseResult]) -> dict[tuple[str, int, int], CaseResult]:
-    return {(c.params["path"], c.params["kernel"], c.params["channels"]): c for c in case_results if c.status == "ok"}
+    return {_key(c): c for c in case_results if c.status == "ok"}
+
+
+def speedup_id(kernel: int, channels: int) -> FigureId:
+    """The naive path's time over the efficient one's."""
+    return FigureId(NAME, case_name("naive", kernel, channels), "stat_grad_time", "ratio_to:efficient")
+
+
+def stored_ratio_id(kernel: int, channels: int) -> FigureId:
+    return FigureId(NAME, case_name("naive", kernel, channels), "stored_bytes_per_step", "ratio_to:efficient")
+
+
+def slope_id(path: str, kernel: int) -> FigureId:
+    return FigureId(NAME, f"{path}-{kernel}x{kernel}", "stat_grad_time", "loglog_slope_in:C")
 
 
 def _peak(case: CaseResult) -> float:
@@ -189,8 +206,8 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
             continue
         eff = ok[("efficient", k, c)]
         r = ratio_of_medians(case.metrics["stat_grad_time"].samples, eff.metrics["stat_grad_time"].samples)
-        out.append(Derived(NAME, f"speedup {k}x{k} C={c}", r.median, r.ci_low, r.ci_high, kind="timing"))
-        out.append(Derived(NAME, f"stored memory ratio {k}x{k} C={c}",
+        out.append(Derived(speedup_id(k, c), f"speedup {k}x{k} C={c}", r.median, r.ci_low, r.ci_high, kind="timing"))
+        out.append(Derived(stored_ratio_id(k, c), f"stored memory ratio {k}x{k} C={c}",
                            case.metrics["stored_bytes_per_step"].value / eff.metrics["stored_bytes_per_step"].value))
     for path in PATHS:
         for k in KERNELS:
@@ -199,7 +216,7 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
             points = points[-SLOPE_POINTS:]
             if len(points) >= 2:
                 slope = loglog_slope([c for c, _ in points], [t for _, t in points])
-                out.append(Derived(NAME, f"time slope in C, {path} {k}x{k}", slope,
+                out.append(Derived(slope_id(path, k), f"time slope in C, {path} {k}x{k}", slope,
                                    note=f"fitted over C={points[0][0]}..{points[-1][0]}", kind="timing"))
     return out
 
@@ -209,20 +226,20 @@ def tables(run: RunResult) -> list[Table]:
     if not cases_here:
         return []
     derived = run.derived_of(NAME)
-    p = profile_of(cases_here[0].params)
+    p = settings_of(Settings, cases_here[0]).profile
     rows = []
     for case in cases_here:
-        k, c, path = case.params["kernel"], case.params["channels"], case.params["path"]
+        path, k, c = _key(case)
         if case.status != "ok":
             why = (case.notes or [case.error or ""])[0]
             rows.append([f"{k}x{k}", str(c), path, case.status, why[:70], "", ""])
             continue
-        speed = derived.get(f"speedup {k}x{k} C={c}") if path == "naive" else None
+        speed = derived.get(speedup_id(k, c)) if path == "naive" else None
         rows.append([f"{k}x{k}", str(c), path, f"{1e3 * case.metrics['stat_grad_time'].value:.3g}",
                      report.fmt_bytes(case.metrics["stored_bytes_per_step"].value), report.fmt_bytes(_peak(case)),
                      "" if speed is None else report.fmt_ratio(speed.value, speed.ci_low, speed.ci_high)])
-    slopes = [f"{name.removeprefix('time slope in C, ')}: {d.value:.2f} ({d.note})" for name, d in derived.items()
-              if name.startswith("time slope")]
+    slopes = [f"{path} {k}x{k}: {derived[slope_id(path, k)].value:.2f} ({derived[slope_id(path, k)].note})"
+              for path in PATHS for k in KERNELS if slope_id(path, k) in derived]
     caption = [
         f"one conv + CBN statistic work per step on {p.batch}xCx{p.height_px}x{p.width_px}, C_in = C_out = C; "
         "time = median of interleaved rounds, each a block of calls of at least 0.2 s; stored = history kept per past step; peak = "

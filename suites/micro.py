@@ -19,6 +19,7 @@ calls are inductor's kernels, not the layer's dispatches.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -149,15 +150,25 @@ def profiled_cases(norms: list[str], profile: str | None, device: str,
     profiles; its shape is the device type's (SHAPES), which names the report."""
     if profile is not None:
         raise ValueError("--profile: the micro-benchmarks have none (their shape is the device type's)")
-    return cases(norms, Mode.of(options).check(torch.device(device).type)), torch.device(device).type
+    return cases(norms, Mode.from_options(options).check(torch.device(device).type)), torch.device(device).type
 
 
 def cases(norms: list[str], mode: Mode = Mode()) -> list[Case]:
     unknown = [n for n in norms if n not in NORMS]
     if unknown:
         raise ValueError(f"the micro-benchmarks have no norm {unknown[0]!r}; they have {', '.join(NORMS)}")
-    return [Case("micro", norm, {"norm": norm, **mode.options()}) for norm in norms]
+    return [Case("micro", norm, Settings(norm), mode) for norm in norms]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A profiled layer step: its norm (a key of NORMS); the shape is the device type's (SHAPES)."""
+
+    norm: str
+
+
+SETTINGS = Settings
 
 
 def build(case: Case, device: str) -> LayerWorkload:
-    return LayerWorkload(case.params["norm"], device, Mode.of(case.params))
+    return LayerWorkload(case.settings.norm, device, case.mode or Mode())

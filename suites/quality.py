@@ -26,9 +26,9 @@ import torch
 
 from bench.files import write_atomic
 from bench.metrics import Metric, count
-from bench.results import CaseResult, Derived, RunResult
+from bench.results import CaseResult, Derived, FigureId, RunResult
 from bench.stats import paired_difference
-from bench.suite import Case, Measurement, Table, stored_profile
+from bench.suite import Case, Measurement, Table, settings_of
 from suites import images, minitrain
 from suites.constants import default_profile as default_profile  # the Suite contract's, shared
 
@@ -85,9 +85,25 @@ def cases(profile: str, device: str, options: dict[str, str] | None = None) -> l
     chosen += [(v, k, None) for v in ("bn_km", "bn_accum") for k in p.windows]
     chosen += [(v, k, b) for k in p.windows for b in p.burn_ins for v in WINDOWED]
     chosen += [("cbn", p.sweep_window, b) for b in p.burn_in_sweep if b not in p.burn_ins]
-    return [Case(NAME, case_name(v, k, b), {"profile": profile, "settings": settings(p), "variant": v, "window": k,
-                                            "burn_in": b}, rounds=0, timeout_s=p.timeout_s)
-            for v, k, b in chosen]
+    return [Case(NAME, case_name(v, k, b), Settings(p, v, k, b), rounds=0, timeout_s=p.timeout_s) for v, k, b in chosen]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One case: the profile, the variant (a key of VARIANTS), its window k and burn-in (a fraction
+    of the steps; None for the variants without a window), with what every case trains with."""
+
+    profile: Profile
+    variant: str
+    window: int
+    burn_in: float | None
+    momentum: float = minitrain.MOMENTUM
+    weight_decay: float = minitrain.WEIGHT_DECAY
+    gn_groups: int = minitrain.GN_GROUPS
+    samples: tuple[str, ...] = images.SAMPLES  # the natural images the batches are cropped from
+
+
+SETTINGS = Settings
 
 
 def case_name(variant: str, window: int, burn_in: float | None) -> str:
@@ -96,15 +112,8 @@ def case_name(variant: str, window: int, burn_in: float | None) -> str:
     return variant if burn_in is None else f"{variant}-k{window}-burn{burn_in:g}"
 
 
-def settings(p: Profile) -> dict:
-    """What a case is measured with, stored in its params so results render without today's PROFILES."""
-    return {**dataclasses.asdict(p), "windows": list(p.windows), "burn_ins": list(p.burn_ins),
-            "burn_in_sweep": list(p.burn_in_sweep), "momentum": minitrain.MOMENTUM,
-            "weight_decay": minitrain.WEIGHT_DECAY, "gn_groups": minitrain.GN_GROUPS, "samples": list(images.SAMPLES)}
-
-
-def profile_of(params: dict) -> Profile:
-    return stored_profile(Profile, params, {})
+def _settings(case: CaseResult) -> Settings:
+    return settings_of(Settings, case)
 
 
 def recipe(p: Profile, variant: str, window: int, burn_in: float | None) -> minitrain.Recipe:
@@ -125,10 +134,10 @@ def seeds_of(p: Profile, variant: str) -> list[int]:
 
 # ---------------------------------------------------------------------- the workload (in the worker)
 class QualityWorkload:
-    def __init__(self, params: dict, device: str) -> None:
-        self.p = profile_of(params)
-        self.variant = params["variant"]
-        self.recipe = recipe(self.p, self.variant, params["window"], params["burn_in"])
+    def __init__(self, settings: Settings, device: str) -> None:
+        self.p = settings.profile
+        self.variant = settings.variant
+        self.recipe = recipe(self.p, self.variant, settings.window, settings.burn_in)
         self.device = torch.device(device)
 
     def measure(self) -> Measurement:
@@ -181,7 +190,7 @@ def _summary_metrics(metrics: dict[str, Metric], seeds: int) -> dict[str, Metric
 
 
 def build(case: Case, device: str) -> QualityWorkload:
-    return QualityWorkload(case.params, device)
+    return QualityWorkload(case.settings, device)
 
 
 # ---------------------------------------------------------------------- comparisons (in the runner)
@@ -194,6 +203,10 @@ class Claim:
     a: str  # case names
     b: str
     relation: str  # "above" or "close"
+
+    @property
+    def id(self) -> FigureId:
+        return FigureId(NAME, self.a, f"accuracy_claim_{self.relation}", f"minus:{self.b}")
 
 
 def claims(p: Profile) -> list[Claim]:
@@ -232,20 +245,24 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
     out = []
     for name, case in ok.items():
         if name != "bn":
-            out.append(_difference(f"{name} - bn accuracy", case, ok["bn"]))
-    control = next((d for d in out if d.name == "bn_control - bn accuracy"), None)
+            out.append(_difference(to_bn_id(name), f"{name} - bn accuracy", case, ok["bn"]))
+    control = next((d for d in out if d.id == to_bn_id("bn_control")), None)
     margin = _margin(control)
-    p = profile_of(ok["bn"].params)
-    for claim in claims(p):
+    for claim in claims(_settings(ok["bn"]).profile):
         if claim.a in ok and claim.b in ok:
-            d = _difference(f"claim: {claim.text}", ok[claim.a], ok[claim.b])
+            d = _difference(claim.id, f"claim: {claim.text}", ok[claim.a], ok[claim.b])
             out.append(dataclasses.replace(d, note=verdict(d, claim.relation, margin)))
     return out
 
 
-def _difference(name: str, a: CaseResult, b: CaseResult) -> Derived:
+def to_bn_id(case: str) -> FigureId:
+    """case's held-out accuracy less BN's (at m), paired by seed."""
+    return FigureId(NAME, case, "accuracy", "minus:bn")
+
+
+def _difference(figure: FigureId, label: str, a: CaseResult, b: CaseResult) -> Derived:
     mean, low, high = paired_difference(seed_values(a), seed_values(b))
-    return Derived(NAME, name, mean, low, high)
+    return Derived(figure, label, mean, low, high)
 
 
 def _margin(control: Derived | None) -> float:
@@ -286,36 +303,36 @@ def _ok(run: RunResult) -> dict[str, CaseResult]:
 
 
 def _label(case: CaseResult) -> str:
-    return VARIANTS[case.params["variant"]][2]
+    return VARIANTS[_settings(case).variant][2]
 
 
 def tables(run: RunResult) -> list[Table]:
     cases_here = run.cases_of(NAME)
     if not cases_here:
         return []
-    p = profile_of(cases_here[0].params)
+    p = _settings(cases_here[0]).profile
     derived = run.derived_of(NAME)
     where = (f"{p.width}-wide 6-conv net, {len(images.SAMPLES)} photographs as classes, {p.image_px} px, "
              f"m = {p.batch} images per step, {p.steps} steps, {p.seeds} seeds, on {run.environment.device_name}")
     return [_results_table(run, where, derived), _claims_table(run, derived)]
 
 
-def _results_table(run: RunResult, where: str, derived: dict[str, Derived]) -> Table:
+def _results_table(run: RunResult, where: str, derived: dict[FigureId, Derived]) -> Table:
     rows = []
     for case in run.cases_of(NAME):
-        k = case.params["window"]
-        burn = case.params["burn_in"]
+        s = _settings(case)
+        k, burn = s.window, s.burn_in
         head = [_label(case), str(k) if k > 1 else "", "" if burn is None else f"{burn:g}"]
         if case.status != "ok":
             rows.append(head + [case.status, (case.error or "")[:60], "", "", ""])
             continue
         m = case.metrics
-        diff = derived.get(f"{case.case} - bn accuracy")
+        diff = derived.get(to_bn_id(case.case))
         rate = m["negative variance rate"].value
         rows.append(head + [f"{m['accuracy'].value:.3f} +- {m['accuracy sd'].value:.3f}",
                             f"{m['final loss'].value:.3f} +- {m['final loss sd'].value:.3f}",
                             "" if diff is None else _interval(diff),
-                            f"{rate:.2%}" if case.params["variant"] in ("cbn", "cbn_drop") else "",
+                            f"{rate:.2%}" if s.variant in ("cbn", "cbn_drop") else "",
                             f"{int(m['diverged'].value)}/{len(seed_values(case))}"])
     columns = ["norm", "k", "burn-in", "held-out acc", "train loss", "acc - BN (m)", "neg. var.", "diverged"]
     caption = [
@@ -331,10 +348,11 @@ def _results_table(run: RunResult, where: str, derived: dict[str, Derived]) -> T
     return Table(f"Training quality, profile {run.profile}: {where}", columns, rows, caption)
 
 
-def _claims_table(run: RunResult, derived: dict[str, Derived]) -> Table:
-    control = derived.get("bn_control - bn accuracy")
+def _claims_table(run: RunResult, derived: dict[FigureId, Derived]) -> Table:
+    control = derived.get(to_bn_id("bn_control"))
     margin = _margin(control)
-    rows = [[name.removeprefix("claim: "), _interval(d), d.note] for name, d in derived.items() if name.startswith("claim: ")]
+    rows = [[d.label.removeprefix("claim: "), _interval(d), d.note] for figure, d in derived.items()
+            if figure.quantity.startswith("accuracy_claim_")]
     caption = [f"difference of held-out accuracy, paired by seed, mean and 95% t-interval; margin {margin:.3f}: "
                "the A/A control's (BN against BN from other seeds) farthest interval end from 0"
                + ("" if control is None else f", control {_interval(control)}"),
@@ -361,7 +379,7 @@ def figures(run: RunResult, stem: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    p = profile_of(ok["bn"].params)
+    p = _settings(ok["bn"]).profile
     first = p.burn_ins[0]
     k = p.sweep_window
     shown = ["bn", f"bn_km-k{k}", f"bn_accum-k{k}", "gn", *(case_name(v, k, first) for v in WINDOWED)]

@@ -32,7 +32,6 @@ t-interval).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import math
 import statistics as stats
@@ -46,9 +45,9 @@ from torch import nn
 import cbn
 from bench.files import write_atomic
 from bench.metrics import Metric, count
-from bench.results import CaseResult, Derived, RunResult
+from bench.results import CaseResult, Derived, FigureId, RunResult
 from bench.stats import paired_difference
-from bench.suite import Case, Measurement, Table, stored_profile
+from bench.suite import Case, Measurement, Table, settings_of
 from suites import estimation, images
 from suites.constants import default_profile as default_profile  # the Suite contract's, shared
 
@@ -89,26 +88,31 @@ OPTIONS: dict[str, tuple[str, ...]] = {}
 COUNTS: dict[str, str] = {}  # nothing to reuse across runs
 
 
+@dataclass(frozen=True)
+class Settings:
+    """One case: the profile, the regime, CBN's window k and the learning rate, with the optimizer
+    and the images every case trains with."""
+
+    profile: Profile
+    regime: str  # one of REGIMES
+    window: int
+    lr: float
+    momentum: float = MOMENTUM
+    weight_decay: float = WEIGHT_DECAY
+    samples: tuple[str, ...] = images.SAMPLES  # the natural images the batches are cropped from
+
+
+SETTINGS = Settings
+
+
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
     p = PROFILES[profile]
-    return [Case(NAME, f"{regime}-k{k}-lr{lr:g}", {"profile": profile, "settings": settings(p), "regime": regime,
-                                                   "window": k, "lr": lr}, rounds=0, timeout_s=p.timeout_s)
+    return [Case(NAME, f"{regime}-k{k}-lr{lr:g}", Settings(p, regime, k, lr), rounds=0, timeout_s=p.timeout_s)
             for regime in p.regimes for lr in p.learning_rates for k in p.windows]
 
 
-def settings(p: Profile) -> dict:
-    """What a case is measured with, stored in its params so results render without today's PROFILES."""
-    return {**dataclasses.asdict(p), "windows": list(p.windows), "learning_rates": list(p.learning_rates),
-            "regimes": list(p.regimes), "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
-            "samples": list(images.SAMPLES)}
-
-
-def profile_of(params: dict) -> Profile:
-    return stored_profile(Profile, params, {})
-
-
-def regime_of(params: dict) -> str:
-    return params.get("regime", "scratch")
+def _settings(case: CaseResult) -> Settings:
+    return settings_of(Settings, case)
 
 
 # ---------------------------------------------------------------------- models
@@ -147,9 +151,9 @@ def variants(bn: nn.Module, window: int) -> dict[str, nn.Module]:
 
 # ---------------------------------------------------------------------- the workload (in the worker)
 class StatisticsWorkload:
-    def __init__(self, params: dict, device: str) -> None:
-        self.p = profile_of(params)
-        self.k, self.lr, self.regime = params["window"], params["lr"], regime_of(params)
+    def __init__(self, settings: Settings, device: str) -> None:
+        self.p = settings.profile
+        self.k, self.lr, self.regime = settings.window, settings.lr, settings.regime
         self.device = torch.device(device)
 
     def measure(self) -> Measurement:
@@ -318,7 +322,7 @@ def _mean(values) -> float:
 
 
 def build(case: Case, device: str) -> StatisticsWorkload:
-    return StatisticsWorkload(case.params, device)
+    return StatisticsWorkload(case.settings, device)
 
 
 # ---------------------------------------------------------------------- reporting (in the runner)
@@ -336,9 +340,14 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
             cbn_err = [_value(case, f"seed {i}.cbn.{stat} error") for i in seeds]
             best_other = [min(_value(case, f"seed {i}.{v}.{stat} error") for v in ("bn", "naive_cbn")) for i in seeds]
             mean, low, high = paired_difference(cbn_err, best_other)
-            out.append(Derived(NAME, f"{case.case}.cbn - best other {stat} error", mean, low, high,
+            out.append(Derived(error_id(case.case, stat), f"{case.case}: CBN - best other {stat} error", mean, low, high,
                                note=_verdict(low, high)))
     return out
+
+
+def error_id(case: str, stat: str) -> FigureId:
+    """CBN's error of stat ("mean" or "var") less the lower of BN's and Naive CBN's, in case."""
+    return FigureId(NAME, f"{case}/cbn", f"{stat}_error", "minus:best_other")
 
 
 def _verdict(low: float, high: float) -> str:
@@ -366,7 +375,7 @@ def tables(run: RunResult) -> list[Table]:
     cases_here = run.cases_of(NAME)
     if not cases_here:
         return []
-    p = profile_of(cases_here[0].params)
+    p = _settings(cases_here[0]).profile
     where = (f"{p.model}, {p.batch} x {p.image_px} px per step, {p.steps} SGD steps, {p.seeds} seed(s), "
              f"on {run.environment.device_name}")
     return [_error_table(run, where), _truncation_table(run, where), *_layer_table(run, where)]
@@ -376,7 +385,7 @@ def _error_table(run: RunResult, where: str) -> Table:
     derived = run.derived_of(NAME)
     rows = []
     for case in run.cases_of(NAME):
-        head = [regime_of(case.params), f"{case.params['lr']:g}", str(case.params["window"])]
+        head = [_settings(case).regime, f"{_settings(case).lr:g}", str(_settings(case).window)]
         if case.status != "ok":
             rows.append(head + [case.status, (case.error or "")[:60]] + [""] * 11)
             continue
@@ -421,8 +430,8 @@ def _lowest_seeds(case: CaseResult) -> str:
     return f"{lowest}/{len(seeds)}"
 
 
-def _noise_verdict(case: CaseResult, derived: dict[str, Derived]) -> str:
-    found = [derived.get(f"{case.case}.cbn - best other {s} error") for s in ("mean", "var")]
+def _noise_verdict(case: CaseResult, derived: dict[FigureId, Derived]) -> str:
+    found = [derived.get(error_id(case.case, s)) for s in ("mean", "var")]
     if any(d is None for d in found):
         return "-"
     return "; ".join(f"{s}: {d.note.removesuffix(' beyond noise')}" for s, d in zip(("mu", "var"), found))
@@ -430,7 +439,7 @@ def _noise_verdict(case: CaseResult, derived: dict[str, Derived]) -> str:
 
 def _truncation_table(run: RunResult, where: str) -> Table:
     keys = ("mu r=1", "nu r=1", "mu r=2", "nu r=2")
-    rows = [[regime_of(c.params), f"{c.params['lr']:g}", str(c.params["window"])]
+    rows = [[_settings(c).regime, f"{_settings(c).lr:g}", str(_settings(c).window)]
             + [_fmt(_value(c, f"truncation {k}")) for k in keys] for c in _ok(run)]
     rows.append(["paper", "", "", *(_fmt(PAPER_TRUNCATION.get(k)) for k in keys)])
     caption = ["||d s^l / d theta^(l-r)||_F / ||d s^l / d theta^l||_F, s = mu or nu = E[x^2] of norm layer l's input, "
@@ -449,7 +458,7 @@ def _layer_table(run: RunResult, where: str) -> list[Table]:
         rows = [[layer] + [_fmt(_value(case, f"{v}.{s} error.layer {layer}")) for v in ESTIMATORS for s in ("mean", "var")]
                 + [_percent(_value(case, f"cbn.negative variance rate.layer {layer}"))] for layer in layers]
         columns = ["layer"] + [f"{LABELS[v]} {s} err" for v in ESTIMATORS for s in ("mu", "var")] + ["CBN neg. var."]
-        title = (f"Estimation error per layer, {regime}, k={case.params['window']}, lr={case.params['lr']:g}, "
+        title = (f"Estimation error per layer, {regime}, k={_settings(case).window}, lr={_settings(case).lr:g}, "
                  f"profile {run.profile}: {where}")
         tables_out.append(Table(title, columns, rows, ["averaged over the measured steps and the seeds"]))
     return tables_out
@@ -458,13 +467,13 @@ def _layer_table(run: RunResult, where: str) -> list[Table]:
 def _by_regime(cases_here: list[CaseResult]) -> dict[str, list[CaseResult]]:
     out: dict[str, list[CaseResult]] = {}
     for case in cases_here:
-        out.setdefault(regime_of(case.params), []).append(case)
+        out.setdefault(_settings(case).regime, []).append(case)
     return out
 
 
 def _showcase(ok: list[CaseResult]) -> CaseResult:
     """The case shown per layer and per step: k = 4 (the paper's) if measured, at the lowest lr."""
-    return min(ok, key=lambda c: (abs(c.params["window"] - 4), c.params["lr"]))
+    return min(ok, key=lambda c: (abs(_settings(c).window - 4), _settings(c).lr))
 
 
 def _fmt(value: float | None) -> str:
@@ -487,11 +496,11 @@ def figures(run: RunResult, stem: Path) -> list[Path]:
     paths = []
     for regime, here_all in _by_regime(ok).items():
         by_window, ax_pair = plt.subplots(1, 2, figsize=(11, 4.2))
-        for lr, style in zip(sorted({c.params["lr"] for c in here_all}), ("-", "--", ":")):
-            here = sorted((c for c in here_all if c.params["lr"] == lr), key=lambda c: c.params["window"])
+        for lr, style in zip(sorted({_settings(c).lr for c in here_all}), ("-", "--", ":")):
+            here = sorted((c for c in here_all if _settings(c).lr == lr), key=lambda c: _settings(c).window)
             for ax, stat in zip(ax_pair, ("mean", "var")):
                 for v in ESTIMATORS:
-                    ax.errorbar([c.params["window"] for c in here], [_value(c, f"{v}.{stat} error") for c in here],
+                    ax.errorbar([_settings(c).window for c in here], [_value(c, f"{v}.{stat} error") for c in here],
                                 yerr=[_value(c, f"{v}.{stat} error sd") or 0.0 for c in here], capsize=3,
                                 marker="o", linestyle=style, label=f"{LABELS[v]}, lr {lr:g}")
         _finish_axes(ax_pair, "window size k", by_window,
@@ -505,7 +514,7 @@ def figures(run: RunResult, stem: Path) -> list[Path]:
                 points = _by_step(case, f"{v}.{stat} error.step ")
                 ax.plot([s for s, _ in points], [e for _, e in points], marker="o", label=LABELS[v])
         _finish_axes(axes[:2], "training step", by_step, f"Statistics error against training step, {regime}, "
-                                                         f"k={case.params['window']}, lr={case.params['lr']:g} ({run.profile})")
+                                                         f"k={_settings(case).window}, lr={_settings(case).lr:g} ({run.profile})")
         points = _by_step(case, "cbn.negative variance rate.step ")
         axes[2].plot([s for s, _ in points], [r for _, r in points], marker="o", color="tab:red")
         axes[2].set_xlabel("training step")

@@ -15,7 +15,6 @@ fails the cases whose digests differ from the first case's.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,14 +26,14 @@ from torchvision.models.detection.roi_heads import maskrcnn_inference
 
 from bench import counts, ranks, training_modes
 from bench.metrics import Collected, count
-from bench.results import CaseResult, Derived, RunResult
-from bench.suite import Case, Measurement, Table, resolve_options, stored_profile
+from bench.results import CaseResult, Derived, FigureId, RunResult
+from bench.suite import Case, Measurement, Processes, Table, resolve_options, settings_of
 from suites import ratios
-from suites.constants import CONTROL, STEP_TIME_OVER_FLOPS, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
+from suites.constants import CONTROL, STEP_TIME_OVER_FLOPS_TARGET, WINDOW
 from suites.constants import default_profile as default_profile  # the Suite contract's, shared
 from suites.data import synthetic_batch
 from suites.models import DetectorSpec, build_detector
-from suites.workload import TrainingWorkload, mode_caption, processes_caption, processes_label
+from suites.workload import TrainingWorkload, mode_caption, processes_caption
 
 NAME = "table6"
 
@@ -66,13 +65,6 @@ PROFILES = {
     "smoke": Profile(96, 96, 1, 32, 50, warmup_steps=1, rounds=2, timeout_s=300),
 }
 
-# The profiles while results files stored only a profile's name (up to commit 697dbca); do not edit.
-LEGACY_PROFILES = {
-    "paper": Profile(800, 1333, 4, 512, 2000, warmup_steps=10, rounds=20, timeout_s=900),
-    "cpu": Profile(320, 320, 2, 128, 300, warmup_steps=1, rounds=5, timeout_s=900),
-    "quick": Profile(256, 256, 1, 64, 200, warmup_steps=1, rounds=7, timeout_s=600, norms=("bn", "gn", "cbn")),
-    "smoke": Profile(96, 96, 1, 16, 50, warmup_steps=1, rounds=2, timeout_s=300),
-}
 
 # case name -> (norm, options, label); the paper's ratios to BN: memory, FLOPs, train, inference
 NORMS = {
@@ -106,46 +98,54 @@ def profiled_cases(norms: list[str], profile: str | None, device: str,
     return [by_name[n] for n in norms], profile
 
 
+@dataclass(frozen=True)
+class Settings:
+    """One case: the profile, the norm (cbn.norm_layer's name and options) and the detector."""
+
+    profile: Profile
+    norm: str
+    norm_options: dict[str, int]
+    arch: str  # "mask_rcnn" or "faster_rcnn"
+    depth: int  # ResNet depth of the backbone
+    placement: str  # "heads" or "all" (_placement)
+    window: int = WINDOW  # CBN's k
+
+
+SETTINGS = Settings
+
+
 def cases(profile: str, device: str, options: dict[str, str] | None = None) -> list[Case]:
     options = resolve_options(NAME, OPTIONS, options)
-    training_modes.Mode.of(options).check(device)
+    mode = training_modes.Mode.from_options(options).check(device)
     p = PROFILES[profile]
     out = []
     for name in p.norms:
         norm, norm_options, _ = NORMS[name]
         if norm == "none" and options["placement"] == "all":
             continue  # "no norm" has no backbone variant
-        params = {"profile": profile, "settings": settings(p), "norm": norm, "norm_options": norm_options, **options}
-        out.append(Case(NAME, name, params, group=NAME, rounds=p.rounds, timeout_s=p.timeout_s,
+        settings = Settings(p, norm, norm_options, options["arch"], int(options["depth"]), options["placement"])
+        out.append(Case(NAME, name, settings, mode, group=NAME, rounds=p.rounds, timeout_s=p.timeout_s,
                         kept_per_round=p.kept_per_round))
     return out
-
-
-def settings(p: Profile) -> dict:
-    """What a case is measured with, stored in its params so results render without today's PROFILES."""
-    return {**dataclasses.asdict(p), "norms": list(p.norms), "window": WINDOW}
-
-
-def profile_of(params: dict) -> Profile:
-    return stored_profile(Profile, params, LEGACY_PROFILES)
 
 
 # ---------------------------------------------------------------------- the workload (in the worker)
 class DetectionWorkload(TrainingWorkload):
     inference_warmup_calls = 2
 
-    def __init__(self, params: dict, device: str) -> None:
-        self.profile = profile_of(params)
+    def __init__(self, case: Case, device: str) -> None:
+        s: Settings = case.settings
+        self.profile = s.profile
         self.known_counts: dict | None = None
         self.steps_done = 0
         self.device = torch.device(device)
-        self.skipped = SYNCBN_ON_CPU if params["norm"] == "syncbn" and ranks.world_size() > 1 and device == "cpu" else None
+        self.skipped = SYNCBN_ON_CPU if s.norm == "syncbn" and ranks.world_size() > 1 and device == "cpu" else None
         if self.skipped:
             return
         p = self.profile
         spec = DetectorSpec(
-            arch=params["arch"], depth=int(params["depth"]), norm=params["norm"], norm_options=params["norm_options"],
-            placement=params["placement"], min_size_px=min(p.height_px, p.width_px), max_size_px=max(p.height_px, p.width_px),
+            arch=s.arch, depth=s.depth, norm=s.norm, norm_options=s.norm_options,
+            placement=s.placement, min_size_px=min(p.height_px, p.width_px), max_size_px=max(p.height_px, p.width_px),
             sampled_rois_per_image=p.sampled_rois_per_image, proposals_per_image=p.proposals_per_image,
             fixed_proposals=True,
         )
@@ -157,7 +157,7 @@ class DetectionWorkload(TrainingWorkload):
         self.distribute()
         trainable = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = torch.optim.SGD(trainable, lr=BASE_LR, momentum=0.9, weight_decay=1e-4)
-        self.mode = training_modes.Mode.of(params)
+        self.mode = case.mode or training_modes.Mode()
         self.enter_mode()
         # Detectron's linear warm-up (factor 0.001 over 1000 iterations): the benchmark's few dozen
         # steps stay in it, so random-weight training does not diverge.
@@ -278,7 +278,7 @@ def digest(tensors: list[torch.Tensor]) -> str:
 
 
 def build(case: Case, device: str) -> DetectionWorkload:
-    return DetectionWorkload(case.params, device)
+    return DetectionWorkload(case, device)
 
 
 # ---------------------------------------------------------------------- reporting (in the runner)
@@ -287,11 +287,11 @@ def derive(case_results: list[CaseResult]) -> list[Derived]:
     bn = by_name.get("bn")
     if bn is None:
         return []
-    out = [d for name, case in by_name.items() if name != "bn" for d in ratios.to_bn(NAME, "", name, case, bn)]
+    out = [d for name, case in by_name.items() if name != "bn" for d in ratios.to_bn(NAME, case, bn)]
     if CONTROL in by_name:
-        out += ratios.control_checks(NAME, "", by_name[CONTROL], bn)
+        out += ratios.control_checks(NAME, by_name[CONTROL], bn)
     if "cbn" in by_name:
-        out += ratios.step_time_over_flops(NAME, "", by_name["cbn"], bn)
+        out += ratios.step_time_over_flops(NAME, by_name["cbn"], bn)
     return out
 
 
@@ -300,14 +300,15 @@ def tables(run: RunResult) -> list[Table]:
     if not cases_here:
         return []
     derived = run.derived_of(NAME)
-    params = cases_here[0].params
-    p = profile_of(params)
+    first = cases_here[0]
+    s = settings_of(Settings, first)
+    p = s.profile
     rows = [_row(c, derived) for c in cases_here]
-    arch = "Mask R-CNN" if params["arch"] == "mask_rcnn" else "Faster R-CNN"
-    mode = training_modes.Mode.of(params)
-    title = (f"Table 6, profile {run.profile}: {arch} R{params['depth']}-FPN, norm in {_placement(params['placement'])}, "
+    arch = "Mask R-CNN" if s.arch == "mask_rcnn" else "Faster R-CNN"
+    mode = first.mode or training_modes.Mode()
+    title = (f"Table 6, profile {run.profile}: {arch} R{s.depth}-FPN, norm in {_placement(s.placement)}, "
              f"{p.images_per_device} x {p.width_px}x{p.height_px} images, {p.sampled_rois_per_image} RoIs/image, "
-             f"{mode.label}, on {run.environment.device_name}{processes_label(params)}")
+             f"{mode.label}, on {run.environment.device_name}{first.processes.label}")
     columns = ["norm", *ratios.COLUMNS, "paper xBN mem/FLOPs/train/infer"]
     return [Table(title, columns, rows, _caption(run, derived))]
 
@@ -316,15 +317,15 @@ def _placement(placement: str) -> str:
     return "FPN and heads, frozen BN backbone" if placement == "heads" else "FPN, heads and backbone stages 2-4"
 
 
-def _row(case: CaseResult, derived: dict[str, Derived]) -> list[str]:
+def _row(case: CaseResult, derived: dict[FigureId, Derived]) -> list[str]:
     label = NORMS[case.case][2]
     if case.status != "ok":
         return [label, *ratios.failed_cells(case), ""]
     paper = PAPER_RATIOS.get(case.case)
-    return [label, *ratios.cells(case, case.case, "", derived), "-" if paper is None else " / ".join(f"{v:.3g}" for v in paper)]
+    return [label, *ratios.cells(case, derived), "-" if paper is None else " / ".join(f"{v:.3g}" for v in paper)]
 
 
-def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
+def _caption(run: RunResult, derived: dict[FigureId, Derived]) -> list[str]:
     cuda = run.device == "cuda"
     cases_here = run.cases_of(NAME)
     lines = [
@@ -342,14 +343,14 @@ def _caption(run: RunResult, derived: dict[str, Derived]) -> list[str]:
         "on fixed boxes) in a block of consecutive calls on frozen weights; post-processing (box decoding, per-class "
         "NMS, mask pasting) not timed",
         "GN: 32 groups; CBN: efficient statistic-gradient path; -: frozen BN backbone and no norm in FPN and heads",
-        _syncbn_caption(cases_here[0].params, run.device),
-        *processes_caption(cases_here[0].params),
-        *mode_caption(training_modes.Mode.of(cases_here[0].params), "the conv stacks (backbone with FPN, box head, mask head); "
+        _syncbn_caption(cases_here[0].processes, run.device),
+        *processes_caption(cases_here[0].processes),
+        *mode_caption(cases_here[0].mode or training_modes.Mode(), "the conv stacks (backbone with FPN, box head, mask head); "
                       "the RPN and the RoI heads' sampling run eagerly"),
     ]
-    lines += ratios.control_caption("", derived, run.device)
+    lines += ratios.control_caption(NAME, "", derived, run.device)
     lines += ratios.missing_lines(cases_here, lambda c: NORMS[c.case][2])
-    check = derived.get(STEP_TIME_OVER_FLOPS)
+    check = derived.get(ratios.step_time_over_flops_id(NAME, "cbn"))
     if check is not None:
         lines.append(ratios.verdict(check, STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"],
                                     run.device))
@@ -365,13 +366,12 @@ def _work_text(cases: list[CaseResult]) -> str:
     return "digests of the pooled boxes DIFFER between cases (see each case's work in the JSON)"
 
 
-def _syncbn_caption(params: dict, device: str) -> str:
-    world = params.get("world_size", 1)
-    if world == 1:
+def _syncbn_caption(processes: Processes, device: str) -> str:
+    if processes.world_size == 1:
         return "SyncBN*: one process, where SyncBN is plain BN: no synchronization is measured"
     if device == "cpu":
         return f"SyncBN*: {SYNCBN_ON_CPU}"
-    return f"SyncBN*: statistics synchronized across the {world} processes through {params['backend']}"
+    return f"SyncBN*: statistics synchronized across the {processes.world_size} processes through {processes.backend}"
 
 
 def figures(run: RunResult, stem: Path) -> list[Path]:

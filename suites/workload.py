@@ -24,6 +24,7 @@ from torch import nn
 from bench import flops, memory, ranks
 from bench.metrics import Collected, Metric, count, peak
 from bench.sampling import keep_last
+from bench.suite import Processes
 from bench.timing import synchronize, time_call
 from bench.training_modes import Mode, optimizer_step
 from suites.constants import WINDOW
@@ -209,18 +210,11 @@ def mode_caption(mode: Mode, compiled_part: str) -> list[str]:
     return lines
 
 
-def processes_label(params: dict) -> str:
-    """What a table's title says of a case on several processes; nothing for one."""
-    world = params.get("world_size", 1)
-    return "" if world == 1 else f", {world} processes ({params['backend']})"
-
-
-def processes_caption(params: dict) -> list[str]:
+def processes_caption(processes: Processes) -> list[str]:
     """Caption lines saying how figures of a case on several processes were taken and reduced."""
-    world = params.get("world_size", 1)
-    if world == 1:
+    if processes.world_size == 1:
         return []
-    return [f"{world} processes per case (torchrun, {params['backend']}), each with its own images, trained with "
+    return [f"{processes.world_size} processes per case (torchrun, {processes.backend}), each with its own images, trained with "
             "DistributedDataParallel; CBN's history per process; memory: the largest process's; FLOPs: per process "
             "(the processes' mean); train iter/s: from the slowest process's time of each step (each one's median in the "
             "JSON); inference: each process's model alone, no communication"]

@@ -9,13 +9,29 @@ from pathlib import Path
 
 from bench import ranks, sampling
 from bench.metrics import Collected, count, peak
-from bench.results import CaseResult, Derived, RunResult
+from bench.results import CaseResult, Derived, FigureId, RunResult
 from bench.suite import Case, Measurement, Table
 
 NAME = "fake"
+
+
 @dataclass(frozen=True)
 class Profile:
     size: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a fake case does: its label (logged per timed call), its behaviour and where it logs."""
+
+    label: str
+    log: str
+    behaviour: str = "ok"
+    work: str = "same"  # its work digest
+    pids: str = ""  # a file each process that held the case appends its pid to
+
+
+SETTINGS = Settings
 
 
 PROFILES = {"smoke": Profile("tiny")}
@@ -32,17 +48,17 @@ def cases(profile: str, device: str, options=None) -> list[Case]:
 
 
 class Workload:
-    def __init__(self, params: dict) -> None:
-        self.params = params
-        self.log = Path(params["log"])
-        if params.get("pids"):  # which processes held this case (tests/test_ranks.py)
-            with Path(params["pids"]).open("a") as f:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log = Path(settings.log)
+        if settings.pids:  # which processes held this case (tests/test_ranks.py)
+            with Path(settings.pids).open("a") as f:
                 f.write(f"{os.getpid()}\n")
-        if params.get("behaviour") == "raise_on_build":
+        if settings.behaviour == "raise_on_build":
             raise RuntimeError("deliberate failure while building")
 
     def measure(self) -> Measurement:
-        behaviour = self.params.get("behaviour")
+        behaviour = self.settings.behaviour
         if ranks.world_size() > 1:  # a case on several processes (tests/test_ranks.py)
             if behaviour == "crash_rank1" and ranks.rank() == 1:
                 os._exit(3)
@@ -62,7 +78,7 @@ class Workload:
             found.attempt(("answer_flops",), lambda: {"answer_flops": count(42.0, "flop")})
             found.attempt(("traced_macs",), lambda: 1 / 0)
             return Measurement(found.metrics, ["measured"], missing=found.missing, work={"inputs": "same"})
-        work = {"inputs": self.params.get("work", "same")}
+        work = {"inputs": self.settings.work}
         return Measurement({"answer_flops": count(42.0, "flop")}, ["measured"], work=work)
 
     def warmup(self) -> None:
@@ -73,18 +89,19 @@ class Workload:
 
     def _call(self) -> dict[str, float]:
         with self.log.open("a") as f:
-            f.write(self.params["label"] + "\n")
-        if self.params.get("behaviour") == "hang" or (self.params.get("behaviour") == "hang_rank1" and ranks.rank() == 1):
+            f.write(self.settings.label + "\n")
+        behaviour = self.settings.behaviour
+        if behaviour == "hang" or (behaviour == "hang_rank1" and ranks.rank() == 1):
             time.sleep(600)  # far past any case's timeout in the tests
-        return {"work_time": 0.001 * (1 + len(self.params["label"])) * (1 + ranks.rank())}
+        return {"work_time": 0.001 * (1 + len(self.settings.label)) * (1 + ranks.rank())}
 
 
 def build(case: Case, device: str) -> Workload:
-    return Workload(case.params)
+    return Workload(case.settings)
 
 
 def derive(case_results: list[CaseResult]) -> list[Derived]:
-    return [Derived(NAME, "cases ok", float(sum(c.status == "ok" for c in case_results)))]
+    return [Derived(FigureId(NAME, "all", "cases_ok"), "cases ok", float(sum(c.status == "ok" for c in case_results)))]
 
 
 def tables(run: RunResult) -> list[Table]:

@@ -51,7 +51,7 @@ def test_smoke_runs_write_results_compare_and_gate(tmp_path):
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]  # the runner alone writes, journal removed
     json_path = next(tmp_path.glob("*.json"))
     run = results.load(json_path)
-    assert [(c.case, c.status, c.params["world_size"], c.params["backend"]) for c in run.cases] == [
+    assert [(c.case, c.status, c.processes.world_size, c.processes.backend) for c in run.cases] == [
         ("bn", "ok", 2, "gloo"), ("cbn", "ok", 2, "gloo")]
     assert "Table 6, profile smoke" in first.stdout and "results written to" in first.stdout
     report = json_path.with_suffix(".md").read_text()
@@ -79,7 +79,8 @@ def test_smoke_runs_write_results_compare_and_gate(tmp_path):
 
     # The gate measures gradpath again and judges it against the second run as its baseline.
     rules = tmp_path / "thresholds.toml"
-    rules.write_text('[gradpath]\n"*.stored_bytes_per_step" = "== baseline"\n"speedup 3x3 C=16" = ">= 1"\n')
+    rules.write_text('[gradpath]\n"*.stored_bytes_per_step" = "== baseline"\n'
+                     '"naive-3x3-C16/stat_grad_time/ratio_to:efficient" = ">= 1"\n')
     gate = bench("gate", "gradpath", "--profile", "smoke", "--baseline", str(baseline), "--thresholds", str(rules),
                  "--out", str(tmp_path / "gate"))
     assert gate.returncode == 0, gate.stdout[-3000:] + gate.stderr[-3000:]
@@ -114,7 +115,7 @@ def test_the_help_lists_the_profiles_and_options_the_suites_declare(monkeypatch,
 
     declared = types.ModuleType("declared_suite")
     fake = session.load_suite({"fake": "fake_suite"}, "fake")
-    for name in ("default_profile", "cases", "build", "derive", "tables", "figures", "COUNTS"):
+    for name in ("default_profile", "cases", "build", "derive", "tables", "figures", "COUNTS", "SETTINGS"):
         setattr(declared, name, getattr(fake, name))
     declared.NAME, declared.PROFILES = "declared", {"tiny": fake.PROFILES["smoke"], "huge": fake.PROFILES["smoke"]}
     declared.OPTIONS = {"flavour": ("sweet", "sour")}

@@ -6,12 +6,12 @@ from bench import counts
 from bench.results import ResultsFileError
 
 
-def lookup(folder, suite, params, torch_version, torchvision_version, cbn_source="abc"):
+def lookup(folder, suite, settings, torch_version, torchvision_version, cbn_source="abc"):
     """What a run finds for a case (bench/session.py's known_counts: the store loaded once, then by key)."""
-    return counts.load(folder, suite).get(counts.key(params, torch_version, torchvision_version, cbn_source))
+    return counts.load(folder, suite).get(counts.key(settings, torch_version, torchvision_version, cbn_source))
 
 
-PARAMS = {"profile": "paper", "settings": {"height_px": 800, "width_px": 1333}, "norm": "cbn"}
+PARAMS = {"profile": {"height_px": 800, "width_px": 1333}, "norm": "cbn"}  # a case's settings, JSON form
 
 
 def test_counts_are_reused_for_the_same_settings_and_releases_only(tmp_path):
@@ -19,7 +19,7 @@ def test_counts_are_reused_for_the_same_settings_and_releases_only(tmp_path):
     entry = lookup(tmp_path, "table6", PARAMS, "2.11.0+cu130", "0.26.0+cu130")  # another build, same release
     assert entry["metrics"] == {"train_step_flops": 9.1e12} and entry["counted_on"] == "cpu: test"
     assert "reused from results/counts, counted on cpu: test" in counts.note(entry)
-    other_size = {**PARAMS, "settings": {"height_px": 512, "width_px": 512}}
+    other_size = {**PARAMS, "profile": {"height_px": 512, "width_px": 512}}
     assert lookup(tmp_path, "table6", other_size, "2.11.0", "0.26.0") is None
     assert lookup(tmp_path, "table6", PARAMS, "2.15.0", "0.29.2") is None
     assert lookup(tmp_path, "gradpath", PARAMS, "2.11.0", "0.26.0") is None  # nothing stored
@@ -39,9 +39,11 @@ def test_the_digest_follows_the_cbn_source():
     assert cbn_source_digest() == cbn_source_digest() and len(cbn_source_digest()) == 12
 
 
-def test_a_foreign_store_is_refused(tmp_path):
-    (tmp_path / "table6.json").write_text('{"schema": "something else"}')
-    with pytest.raises(ResultsFileError, match="not a cbn-bench/counts v1 file"):
+@pytest.mark.parametrize("content", ['{"schema": "something else"}',
+                                     '{"schema": "cbn-bench/counts", "schema_version": 1, "entries": []}'])
+def test_a_foreign_or_untyped_store_is_refused_with_the_fix(tmp_path, content):
+    (tmp_path / "table6.json").write_text(content)
+    with pytest.raises(ResultsFileError, match="not a cbn-bench/counts v2 file; delete it and rerun"):
         counts.load(tmp_path, "table6")
 
 

@@ -5,14 +5,16 @@ rule once, and refuses unlike comparisons (exit 2)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from bench import cli, pytest_suites
+from bench import cli, pytest_suites, results, session
 from bench.gate import commands, sources, thresholds, verdicts
 from bench.gate.sources import GatedValue, Source
+from bench.suite import load_suite
 from bench.training_modes import Mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +22,6 @@ BASELINE = ROOT / "results" / "baselines" / "cpu" / "quick.json"
 MICRO_BASELINE = ROOT / "results" / "baselines" / "cpu" / "micro.json"
 GPU_BASELINE = ROOT / "results" / "baselines" / "nvidia-h100-80gb-hbm3" / "paper.json"
 GPU_MICRO_BASELINE = ROOT / "results" / "baselines" / "nvidia-h100-80gb-hbm3" / "micro.json"
-V2_QUICK_RUN = sorted((ROOT / "results" / "calibration" / "cpu").glob("*_quick_*.json"))[0]
 THRESHOLDS = ROOT / "results" / "thresholds.toml"
 
 
@@ -50,7 +51,12 @@ def case(data: dict, suite: str, name: str) -> dict:
 
 
 def derived(data: dict, suite: str, name: str) -> dict:
-    return next(d for d in data["derived"] if d["suite"] == suite and d["name"] == name)
+    """The derived figure of suite whose id's key is name (bench.results.FigureId.key)."""
+    return next(d for d in data["derived"] if d["id"]["suite"] == suite and _key(d["id"]) == name)
+
+
+def _key(figure: dict) -> str:
+    return "/".join(part for part in (figure["subject"], figure["quantity"], figure["reference"]) if part)
 
 
 def scale(data: dict, suite: str, name: str, metric: str, factor: float) -> None:
@@ -73,19 +79,36 @@ def test_the_baselines_pass_against_themselves_with_every_rule_matched(capsys):
     assert "0 fail, 0 missing, 0 new" in out and "gate passed" in out
 
 
+def test_every_label_renamed_the_gate_still_passes_and_the_tables_read_the_same(tmp_path, capsys):
+    def rename(data: dict) -> None:
+        for i, figure in enumerate(data["derived"]):
+            figure["label"] = f"renamed figure {i}"
+
+    renamed = edited(tmp_path, BASELINE, rename)
+    code, out = run_gate(capsys, renamed, MICRO_BASELINE)
+    assert code == 0 and "0 fail, 0 missing, 0 new" in out, out
+    original, relabelled = results.load(BASELINE), results.load(renamed)
+    assert {d.label for d in relabelled.derived} != {d.label for d in original.derived}
+    for name in original.suites:
+        suite = load_suite(session.suite_registry(), name)
+        assert suite.tables(relabelled) == suite.tables(original), name
+
+
 @pytest.mark.parametrize("metric, edit", [
     ("table6.cbn.train_step_flops", lambda d: scale(d, "table6", "cbn", "train_step_flops", 1.2)),
     ("table6.cbn.cbn_history_bytes", lambda d: scale(d, "table6", "cbn", "cbn_history_bytes", 3)),
-    ("table6.cbn/bn train iter/s ratio", lambda d: derived(d, "table6", "cbn/bn train iter/s ratio").update(
-        value=0.75 * derived(d, "table6", "cbn/bn train iter/s ratio")["value"])),
-    ("gradpath.speedup 3x3 C=256", lambda d: derived(d, "gradpath", "speedup 3x3 C=256").update(
-        value=derived(d, "gradpath", "speedup 3x3 C=256")["value"] / 3)),
+    ("table6.cbn/train_iter_per_s/ratio_to:bn", lambda d: derived(d, "table6", "cbn/train_iter_per_s/ratio_to:bn").update(
+        value=0.75 * derived(d, "table6", "cbn/train_iter_per_s/ratio_to:bn")["value"])),
+    ("gradpath.naive-3x3-C256/stat_grad_time/ratio_to:efficient",
+     lambda d: derived(d, "gradpath", "naive-3x3-C256/stat_grad_time/ratio_to:efficient").update(
+         value=derived(d, "gradpath", "naive-3x3-C256/stat_grad_time/ratio_to:efficient")["value"] / 3)),
     ("gradpath.efficient-3x3-C256.stored_bytes_per_step",
      lambda d: scale(d, "gradpath", "efficient-3x3-C256", "stored_bytes_per_step", 2)),
-    ("table6.bn_control/bn train iter/s interval deviation",  # an A/A control outside its margin
-     lambda d: derived(d, "table6", "bn_control/bn train iter/s interval deviation").update(value=0.35)),
-    ("classify.resnet18.bn_control/bn inference iter/s interval deviation",
-     lambda d: derived(d, "classify", "resnet18.bn_control/bn inference iter/s interval deviation").update(value=0.31)),
+    ("table6.bn_control/train_iter_per_s_interval_deviation/ratio_to:bn",  # an A/A control outside its margin
+     lambda d: derived(d, "table6", "bn_control/train_iter_per_s_interval_deviation/ratio_to:bn").update(value=0.35)),
+    ("classify.resnet18/bn_control/inference_iter_per_s_interval_deviation/ratio_to:bn",
+     lambda d: derived(d, "classify", "resnet18/bn_control/inference_iter_per_s_interval_deviation/ratio_to:bn").update(
+         value=0.31)),
 ])
 def test_an_injected_regression_fails_with_the_metric_named(tmp_path, capsys, metric, edit):
     code, out = run_gate(capsys, edited(tmp_path, BASELINE, edit), MICRO_BASELINE)
@@ -97,7 +120,7 @@ def test_a_slower_efficient_path_in_the_micro_benchmarks_fails(tmp_path, capsys)
     slower = edited(tmp_path, MICRO_BASELINE, lambda d: scale_micro(d, "forward+backward", "cbn", 1.5), "micro.json")
     code, out = run_gate(capsys, BASELINE, slower)
     assert code == 1
-    assert out.rstrip().endswith("micro.forward+backward.cbn/bn time ratio")
+    assert out.rstrip().endswith("micro.forward+backward/cbn/min_time/ratio_to:bn")
     assert "timing; not re-measured (--results)" in out
 
 
@@ -105,13 +128,13 @@ def test_a_micro_benchmark_control_that_strays_from_bn_fails(tmp_path, capsys):
     strayed = edited(tmp_path, MICRO_BASELINE, lambda d: scale_micro(d, "forward", "bn-control", 1.6), "micro.json")
     code, out = run_gate(capsys, BASELINE, strayed)
     assert code == 1
-    assert out.rstrip().endswith("micro.forward.bn-control/bn time ratio")
+    assert out.rstrip().endswith("micro.forward/bn-control/min_time/ratio_to:bn")
 
 
 def test_improvements_pass(tmp_path, capsys):
     def improve(d):
-        for name, factor in (("cbn/bn train iter/s ratio", 1.2), ("speedup 3x3 C=256", 2.0)):
-            derived(d, "table6" if "iter/s" in name else "gradpath", name)["value"] *= factor
+        for name, factor in (("cbn/train_iter_per_s/ratio_to:bn", 1.2), ("naive-3x3-C256/stat_grad_time/ratio_to:efficient", 2.0)):
+            derived(d, "table6" if "iter_per_s" in name else "gradpath", name)["value"] *= factor
 
     faster = edited(tmp_path, MICRO_BASELINE, lambda d: scale_micro(d, "forward+backward", "cbn", 0.7), "micro.json")
     code, out = run_gate(capsys, edited(tmp_path, BASELINE, improve), faster)
@@ -122,33 +145,40 @@ def test_a_failed_case_lists_its_metrics_as_missing(tmp_path, capsys):
     def crash(d):
         c = case(d, "table6", "cbn")
         c.update(status="error", error="RuntimeError: out of memory", metrics={})
-        d["derived"] = [x for x in d["derived"] if not x["name"].startswith("cbn/")]
+        d["derived"] = [x for x in d["derived"] if x["id"]["subject"] != "cbn"]
 
     code, out = run_gate(capsys, edited(tmp_path, BASELINE, crash), MICRO_BASELINE)
     assert code == 1
     assert "MISSING" in out and "case cbn error:" in out
-    assert "table6.cbn/bn train iter/s ratio" in out
+    assert "table6.cbn/train_iter_per_s/ratio_to:bn" in out
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(profile="cpu"), "the baseline {b} is profile 'quick', the current {c} is 'cpu'"),
     (lambda d: d.update(device="cuda", environment=dict(d["environment"], device_name="NVIDIA H100 80GB HBM3")),
      "is device class 'cpu', the current {c} is 'nvidia-h100-80gb-hbm3'"),
-    (None, "is schema 'cbn-bench/results v6', the current {c} is 'cbn-bench/results v2'"),
-    (lambda d: [c["params"]["settings"].update(rounds=99) for c in d["cases"] if c["suite"] == "table6"],
+    (lambda d: [c["settings"]["profile"].update(rounds=99) for c in d["cases"] if c["suite"] == "table6"],
      "table6 in the baseline {b} was measured with other settings than in {c}"),
 ])
 def test_unlike_comparisons_are_refused_with_exit_2(tmp_path, capsys, edit, message):
-    current = V2_QUICK_RUN if edit is None else edited(tmp_path, BASELINE, edit)
+    current = edited(tmp_path, BASELINE, edit)
     code, out = run_gate(capsys, current, MICRO_BASELINE)
     assert code == 2
     assert "refusing to compare" in out
     assert " ".join(message.format(b=BASELINE, c=current).split()) in out
 
 
+def test_files_written_in_different_schema_versions_are_not_compared():
+    baseline = sources.load_source(BASELINE)
+    newer = dataclasses.replace(baseline, path="newer.json", schema="cbn-bench/results v8")
+    with pytest.raises(sources.GateError, match="is schema 'cbn-bench/results v7', the current newer.json is "
+                                                "'cbn-bench/results v8'; re-measure the older one"):
+        sources.check_comparable(baseline, newer)
+
+
 def test_a_malformed_thresholds_file_exits_2_naming_the_line(tmp_path, capsys):
     rules = tmp_path / "thresholds.toml"
-    rules.write_text('[table6]\n"*.train_step_flops" = "== baseline"\n"cbn/bn train iter/s ratio" = "=> baseline"\n')
+    rules.write_text('[table6]\n"*.train_step_flops" = "== baseline"\n"cbn/train_iter_per_s/ratio_to:bn" = "=> baseline"\n')
     code, out = run_gate(capsys, BASELINE, MICRO_BASELINE, rules=rules)
     assert code == 2
     assert f"{rules}:3: rule '=> baseline'" in out
@@ -239,11 +269,11 @@ def test_a_deterministic_failure_is_never_re_measured(tmp_path, monkeypatch, cap
 # ---------------------------------------------------------------------- sources
 def test_micro_ratios_are_minimum_times_over_the_groups_reference():
     run = pytest_suites.load(MICRO_BASELINE)
-    fastest = {(c.params["group"], c.params["norm"]): min(c.metrics["time"].samples) for c in run.cases}
+    fastest = {tuple(c.case.split("/")): min(c.metrics["time"].samples) for c in run.cases}
     src = sources.load_source(MICRO_BASELINE)
-    value = src.metrics["micro.forward+backward.cbn/bn time ratio"].value
+    value = src.metrics["micro.forward+backward/cbn/min_time/ratio_to:bn"].value
     assert value == fastest[("forward+backward", "cbn")] / fastest[("forward+backward", "bn")]
-    assert "micro.forward.bn/bn time ratio" not in src.metrics
+    assert "micro.forward/bn/min_time/ratio_to:bn" not in src.metrics
     counted = {name for name in src.metrics if name.endswith((".aten_ops", ".host_syncs"))}
     assert counted and not any(src.metrics[name].timing for name in counted)
     assert all(m.timing for name, m in src.metrics.items() if name not in counted)
@@ -252,11 +282,11 @@ def test_micro_ratios_are_minimum_times_over_the_groups_reference():
 def test_results_sources_mark_timing_metrics():
     src = sources.load_source(BASELINE)
     assert src.metrics["table6.cbn.train_step_time"].timing
-    assert src.metrics["table6.cbn/bn train iter/s ratio"].timing
+    assert src.metrics["table6.cbn/train_iter_per_s/ratio_to:bn"].timing
     assert not src.metrics["table6.cbn.train_step_flops"].timing
-    assert not src.metrics["table6.cbn/bn train_step_flops ratio"].timing
+    assert not src.metrics["table6.cbn/train_step_flops/ratio_to:bn"].timing
     assert not src.metrics["table6.cbn.peak_rss_bytes"].timing
-    assert (src.device, src.device_class, src.profile, src.schema) == ("cpu", "cpu", "quick", "cbn-bench/results v6")
+    assert (src.device, src.device_class, src.profile, src.schema) == ("cpu", "cpu", "quick", "cbn-bench/results v7")
 
 
 def test_a_foreign_file_is_refused(tmp_path, capsys):
@@ -280,11 +310,11 @@ def test_every_rule_in_the_committed_file_names_real_metrics_of_its_devices():
 
 
 def test_spread_reports_the_widest_pairwise_drift_of_timing_metrics(tmp_path, capsys):
-    slower = edited(tmp_path, BASELINE, lambda d: derived(d, "table6", "cbn/bn train iter/s ratio").update(
-        value=1.1 * derived(d, "table6", "cbn/bn train iter/s ratio")["value"]))
+    slower = edited(tmp_path, BASELINE, lambda d: derived(d, "table6", "cbn/train_iter_per_s/ratio_to:bn").update(
+        value=1.1 * derived(d, "table6", "cbn/train_iter_per_s/ratio_to:bn")["value"]))
     assert cli.main(["spread", str(BASELINE), str(slower)]) == 0
     out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if "table6.cbn/bn train iter/s ratio" in line)
+    row = next(line for line in out.splitlines() if "table6.cbn/train_iter_per_s/ratio_to:bn" in line)
     assert "10.0%" in row
     assert "train_step_flops" not in out  # deterministic figures have no spread to calibrate
     assert cli.main(["spread", str(BASELINE)]) == 2
@@ -306,8 +336,8 @@ def test_measuring_the_micro_suite_reads_the_file_it_ran(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- devices
 # The H100 files predate the A/A controls: on CUDA their rules find nothing there, and fail as MISSING
 # (the micro-benchmarks' control has two rules, a floor and a ceiling).
-CONTROL_CHECKS = [*(f"table6.bn_control/bn {what} iter/s interval deviation" for what in ("train", "inference")),
-                  *["micro.*.bn-control/bn time ratio"] * 2]
+CONTROL_CHECKS = [*(f"table6.bn_control/{what}_iter_per_s_interval_deviation/ratio_to:bn" for what in ("train", "inference")),
+                  *["micro.*/bn-control/min_time/ratio_to:bn"] * 2]
 
 
 def test_a_cuda_run_passes_against_itself_as_its_gpu_baseline_but_for_the_control_it_predates(capsys):
@@ -343,7 +373,7 @@ def test_paths_that_disagree_fail_the_gate_saying_so(tmp_path, capsys):
     def disagree(d):
         c = case(d, "gradpath", "naive-3x3-C64")
         c.update(status="error", error="naive and efficient paths disagree: max relative difference 2.00e-02")
-        d["derived"] = [x for x in d["derived"] if "C=64" not in x["name"]]
+        d["derived"] = [x for x in d["derived"] if "C64" not in x["id"]["subject"]]
 
     current = edited(tmp_path, BASELINE, disagree)
     code, out = run_gate(capsys, current, MICRO_BASELINE)
@@ -368,9 +398,9 @@ def test_by_default_the_gate_measures_the_suites_its_rules_guard():
 def test_counts_only_takes_the_counts_and_keeps_the_timings(tmp_path):
     def new_code_on_another_machine(data):
         case(data, "table6", "cbn")["metrics"]["cbn_history_bytes"]["value"] += 4096
-        derived(data, "table6", "cbn/bn memory ratio")["value"] += 0.001
+        derived(data, "table6", "cbn/memory/ratio_to:bn")["value"] += 0.001
         scale(data, "table6", "cbn", "train_step_time", 0.5)  # another CPU: other timings
-        derived(data, "table6", "cbn/bn train iter/s ratio")["value"] *= 2
+        derived(data, "table6", "cbn/train_iter_per_s/ratio_to:bn")["value"] *= 2
 
     measured = edited(tmp_path, BASELINE, new_code_on_another_machine, "measured.json")
     baseline = tmp_path / "quick.json"
@@ -380,8 +410,8 @@ def test_counts_only_takes_the_counts_and_keeps_the_timings(tmp_path):
     metrics = case(refreshed, "table6", "cbn")["metrics"]
     assert metrics["cbn_history_bytes"] == case(new, "table6", "cbn")["metrics"]["cbn_history_bytes"]
     assert metrics["train_step_time"] == case(old, "table6", "cbn")["metrics"]["train_step_time"]
-    assert derived(refreshed, "table6", "cbn/bn memory ratio") == derived(new, "table6", "cbn/bn memory ratio")
-    assert derived(refreshed, "table6", "cbn/bn train iter/s ratio") == derived(old, "table6", "cbn/bn train iter/s ratio")
+    assert derived(refreshed, "table6", "cbn/memory/ratio_to:bn") == derived(new, "table6", "cbn/memory/ratio_to:bn")
+    assert derived(refreshed, "table6", "cbn/train_iter_per_s/ratio_to:bn") == derived(old, "table6", "cbn/train_iter_per_s/ratio_to:bn")
     assert refreshed["environment"] == old["environment"]
     assert "counts refreshed from measured.json" in case(refreshed, "table6", "cbn")["notes"]
     assert "counts refreshed from measured.json" in baseline.with_suffix(".md").read_text()

@@ -68,9 +68,9 @@ def test_dispatch_counts_stored_by_a_benchmark_are_read_as_count_metrics(tmp_pat
 
 def test_ratios_are_taken_within_each_group(tmp_path):
     run = pytest_suites.load(write(tmp_path, micro_json()))
-    ratios = {d.name: d.value for d in run.derived}
-    assert ratios == {"forward.cbn/bn time ratio": pytest.approx(2.0),  # minimum times: 1.8 / 0.9
-                      "forward+backward.cbn/bn time ratio": pytest.approx(1.5)}
+    ratios = {str(d.id): d.value for d in run.derived}
+    assert ratios == {"micro.forward/cbn/min_time/ratio_to:bn": pytest.approx(2.0),  # minimum times: 1.8 / 0.9
+                      "micro.forward+backward/cbn/min_time/ratio_to:bn": pytest.approx(1.5)}
     assert all(d.kind == "timing" for d in run.derived)
     cbn = next(c for c in run.cases if c.case == "forward/cbn")
     assert cbn.metrics["time"].samples == (2.0, 2.2, 1.8) and cbn.metrics["time"].value == 2.0

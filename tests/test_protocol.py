@@ -8,7 +8,7 @@ from bench import protocol
 
 
 @pytest.mark.parametrize("message", [
-    protocol.Start({"suite": "fake", "name": "A", "params": {}}, "fake_suite", "cpu", 2, {}, None),
+    protocol.Start({"suite": "fake", "name": "A", "settings": {"label": "A"}}, "fake_suite", "cpu", 2, {}, None),
     protocol.Measure(), protocol.Warmup(True), protocol.Round(3, 1, False),
     protocol.Profile(["train"], 2, False, "/tmp/x"), protocol.Exit(), protocol.Ready(),
     protocol.Measured({"flops": {"value": 1.0, "kind": "count", "unit": "flop"}}, ["a note"], "ok", None, {}, {}),
@@ -24,10 +24,22 @@ def test_every_message_survives_the_codec(message):
 @pytest.mark.parametrize("line, message", [
     ("not json", "not a protocol line"),
     ('{"command": "measure"}', "not a protocol message"),
-    ('{"type": "Measure", "protocol": 0}', "protocol version 0, this side speaks 1: runner and worker come from "
+    ('{"type": "Measure", "protocol": 0}', "protocol version 0, this side speaks 2: runner and worker come from "
                                              "different versions"),
-    ('{"type": "Round", "protocol": 1, "kept": 1, "speed": 2}', "Round has no field speed"),
+    ('{"type": "Round", "protocol": 2, "kept": 1, "speed": 2}', "Round has no field speed"),
+    ('{"type": "Round", "protocol": 2, "kept": "1"}', r"Round.kept: expected int, got '1'"),
 ])
 def test_a_line_of_another_protocol_is_refused_by_name(line, message):
     with pytest.raises(protocol.ProtocolError, match=message):
         protocol.decode(line)
+
+
+def test_a_case_travels_typed_and_comes_back_as_its_suites_settings():
+    import fake_suite
+
+    from bench.suite import Case, Processes, decode_case, encode_case
+    from bench.training_modes import Mode
+
+    case = Case("fake", "A", fake_suite.Settings("A", "/tmp/log"), Mode("bf16"), Processes(2, "gloo", 1), rounds=3)
+    line = protocol.encode(protocol.Start(encode_case(case), "fake_suite", "cpu"))
+    assert decode_case(fake_suite, protocol.decode(line).case) == case

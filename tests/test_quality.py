@@ -9,7 +9,8 @@ from test_results import environment
 from torch import nn
 
 import cbn
-from bench.results import CaseResult, Derived, RunResult
+from bench import codec
+from bench.results import CaseResult, Derived, FigureId, RunResult
 from suites import images, minitrain, quality
 
 
@@ -24,7 +25,7 @@ def test_every_norm_starts_from_the_bn_networks_weights_with_its_options():
     bn = minitrain.conv_net(4, 10)
     p = quality.PROFILES["cpu"]
     for case in quality.cases("cpu", "cpu"):
-        recipe = quality.recipe(p, case.params["variant"], case.params["window"], case.params["burn_in"])
+        recipe = quality.recipe(p, case.settings.variant, case.settings.window, case.settings.burn_in)
         model = minitrain.with_norm(bn, recipe)
         assert torch.equal(model[0].weight, bn[0].weight)
         norm = model[1]
@@ -53,7 +54,7 @@ def test_the_cpu_profile_covers_every_window_burn_in_and_claim():
 
 
 def difference(value: float, low: float, high: float) -> Derived:
-    return Derived("quality", "d", value, low, high)
+    return Derived(FigureId("quality", "a", "accuracy", "minus:b"), "a - b", value, low, high)
 
 
 @pytest.mark.parametrize("d, relation, margin, expected", [
@@ -108,17 +109,18 @@ def test_the_smoke_profile_runs_and_renders(tmp_path):
         assert m["accuracy"].value == pytest.approx((m["seed 0.accuracy"].value + m["seed 1.accuracy"].value) / 2)
         assert {n for n in m if n.startswith("seed 0.curve ")} == {
             f"seed 0.curve {e}.{q}" for e in (16, 32) for q in ("train loss", "accuracy")}
-        if case.params["variant"] not in ("cbn", "cbn_drop"):
+        if case.settings.variant not in ("cbn", "cbn_drop"):
             assert m["negative variance rate"].value == 0
-        results.append(CaseResult(case.suite, case.name, case.params, "ok", None, m, notes=measurement.notes))
+        results.append(CaseResult(case.suite, case.name, codec.encode(case.settings), "ok", None, m, notes=measurement.notes))
     derived = quality.derive(results)
-    names = {d.name for d in derived}
-    assert "bn_control - bn accuracy" in names and "claim: CBN k=2 (burn-in 0.25) above BN at m" in names
-    assert all(d.note for d in derived if d.name.startswith("claim: "))
+    names = {d.id.key for d in derived}
+    assert "bn_control/accuracy/minus:bn" in names and "cbn-k2-burn0.25/accuracy_claim_above/minus:bn" in names
+    claims = [d for d in derived if d.id.quantity.startswith("accuracy_claim_")]
+    assert claims and all(d.note and d.label.startswith("claim: ") for d in claims)
     run = RunResult("smoke", "cpu", ["quality"], environment(), results, derived)
     results_table, claims_table = quality.tables(run)
     assert [row[0] for row in results_table.rows][:4] == ["BN", "BN, other seeds (A/A)", "GN", "BN (k x m)"]
-    assert len(claims_table.rows) == sum(1 for n in names if n.startswith("claim: "))
+    assert len(claims_table.rows) == len(claims)
     paths = quality.figures(run, tmp_path / "run")
     assert [p.name for p in paths] == ["run_quality_curves.png", "run_quality_windows.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

@@ -6,13 +6,14 @@ import json
 import os
 from pathlib import Path
 
+import fake_suite
 import pytest
 
 from bench import cli, ranks, runner, session
 from bench.gate import sources
 from bench.metrics import Metric, count, peak, timing
 from bench.runner import run_cases
-from bench.suite import Case
+from bench.suite import Case, Processes
 
 
 def test_memory_reduces_to_the_largest_rank_and_other_counts_to_the_mean():
@@ -61,9 +62,8 @@ def fake_suite_importable(monkeypatch):
 @pytest.mark.slow
 def test_cases_on_two_processes_a_dead_rank_and_a_hung_rank_fail_their_case_only(tmp_path, fake_suite_importable):
     def case(name, behaviour="", timeout_s=120.0):
-        params = {"label": name, "log": str(tmp_path / "rounds.log"), "behaviour": behaviour,
-                  "pids": str(tmp_path / f"{name}.pids")}
-        return Case("fake", name, params, group="g", rounds=2, timeout_s=timeout_s, nproc=2)
+        settings = fake_suite.Settings(name, str(tmp_path / "rounds.log"), behaviour, pids=str(tmp_path / f"{name}.pids"))
+        return Case("fake", name, settings, group="g", rounds=2, timeout_s=timeout_s, nproc=2)
 
     # 45 s: the hung case must get past its build (two ranks importing torch on a busy machine) before
     # its rank 1 hangs in a round, or it times out before writing the pids the test checks.
@@ -87,8 +87,8 @@ def test_cases_on_two_processes_a_dead_rank_and_a_hung_rank_fail_their_case_only
 def test_a_plan_on_several_processes_records_them_in_each_case(monkeypatch):
     p = session.plan(["table6"], "smoke", "cpu", nproc=2, only=["bn", "cbn"])
     assert [c.name for c in p.cases] == ["bn", "cbn"] and {c.nproc for c in p.cases} == {2}
-    assert all(c.params.items() >= {"world_size": 2, "backend": "gloo", "nodes": 1}.items() for c in p.cases)
-    assert "world_size" not in session.plan(["table6"], "smoke", "cpu").cases[0].params
+    assert {c.processes for c in p.cases} == {Processes(2, "gloo", 1)}
+    assert session.plan(["table6"], "smoke", "cpu").cases[0].processes == Processes()
     with pytest.raises(ValueError, match="--cases: no case rn in table6 at profile smoke; it has bn, gn"):
         session.plan(["table6"], "smoke", "cpu", only=["rn"])
     with pytest.raises(ValueError, match="at least 1"):
@@ -133,8 +133,8 @@ def test_two_nodes_meet_per_case_and_node_0_gets_every_ranks_figures(tmp_path, f
     import threading
 
     def case(name):
-        params = {"label": name, "log": str(tmp_path / "rounds.log"), "behaviour": ""}
-        return Case("fake", name, params, group="g", rounds=2, timeout_s=120)
+        return Case("fake", name, fake_suite.Settings(name, str(tmp_path / "rounds.log")), group="g", rounds=2,
+                    timeout_s=120)
 
     cases = [case("A"), case("B")]
     port = free_port_pair()
@@ -156,6 +156,6 @@ def test_nodes_are_checked_before_anything_starts():
     with pytest.raises(ValueError, match="--nnodes 2 --node-rank 2"):
         session.plan(["table6"], "smoke", "cpu", nodes=ranks.Nodes(2, 2, "host"))
     two = session.plan(["table6"], "smoke", "cpu", nproc=2, only=["bn"], nodes=ranks.Nodes(2, 0, "host", 29600))
-    assert two.cases[0].params.items() >= {"world_size": 4, "nodes": 2, "backend": "gloo"}.items()
+    assert two.cases[0].processes == Processes(4, "gloo", 2)
     assert ranks.Nodes(2, 1, "host", 29600).rendezvous(1) == [
         "--nnodes", "2", "--node-rank", "1", "--master-addr", "host", "--master-port", "29601"]

@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import fake_suite
 import pytest
 
 from bench import protocol
@@ -15,8 +16,8 @@ MODULES = {"fake": "fake_suite"}
 
 def case(name: str, tmp_path: Path, behaviour: str = "", rounds: int = 3, group: str = "g", work: str = "same",
          **extra) -> Case:
-    params = {"label": name, "log": str(tmp_path / "rounds.log"), "behaviour": behaviour, "work": work}
-    return Case("fake", name, params, group=group, rounds=rounds, **extra)
+    settings = fake_suite.Settings(name, str(tmp_path / "rounds.log"), behaviour, work)
+    return Case("fake", name, settings, group=group, rounds=rounds, **extra)
 
 
 @pytest.fixture(autouse=True)

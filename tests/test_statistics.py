@@ -12,6 +12,7 @@ from torch.func import functional_call, jacrev
 from torch.testing import assert_close
 
 import cbn
+from bench import codec
 from bench.results import CaseResult, RunResult
 from suites import estimation, images, statistics
 
@@ -150,11 +151,12 @@ def test_the_smoke_profile_runs_and_renders(tmp_path):
         assert 0 <= metrics["cbn.negative variance rate"].value <= 1
         assert any(name.startswith("cbn.negative variance rate.layer ") for name in metrics)
         assert 0 < metrics["truncation mu r=1"].value < 10 and "seed 1.truncation mu r=1" not in metrics
-        results.append(CaseResult(case.suite, case.name, case.params, "ok", None, metrics, notes=measurement.notes))
+        results.append(CaseResult(case.suite, case.name, codec.encode(case.settings), "ok", None, metrics,
+                                  notes=measurement.notes))
     assert [c.case for c in results] == ["scratch-k2-lr0.02", "settled-k2-lr0.02"]
     derived = statistics.derive(results)
-    assert {d.name for d in derived} == {f"{c}.cbn - best other {s} error" for c in ("scratch-k2-lr0.02", "settled-k2-lr0.02")
-                                         for s in ("mean", "var")}
+    assert {d.id.key for d in derived} == {f"{c}/cbn/{s}_error/minus:best_other"
+                                           for c in ("scratch-k2-lr0.02", "settled-k2-lr0.02") for s in ("mean", "var")}
     assert all(d.note in ("lower beyond noise", "higher beyond noise", "within noise") for d in derived)
     run = RunResult("smoke", "cpu", ["statistics"], environment(), results, derived)
     tables = statistics.tables(run)

@@ -7,21 +7,29 @@ import types
 import pytest
 from test_results import environment
 
-from bench import session
+from bench import codec, session
 from bench.metrics import count, timing
 from bench.results import CaseResult, RunResult
 from bench.suite import check_suite, load_suite
+from bench.training_modes import Mode
 from suites import SUITES, classify, gradpath, table6
 from suites.constants import AGREEMENT_TOLERANCE
 
 
-def timing_case(suite, name, params, seconds, **counts):
+def timing_case(suite, name, settings, seconds, **counts):
     samples = [seconds * f for f in (0.98, 1.0, 1.02)]
     metrics = {key: count(value, "byte" if key.endswith("bytes") else "flop") for key, value in counts.items()}
     metrics["stat_grad_time" if suite == "gradpath" else "train_step_time"] = timing(samples)
     if suite != "gradpath":
         metrics["inference_time"] = timing([s / 2 for s in samples])
-    return CaseResult(suite, name, params, "ok", None, metrics)
+    return CaseResult(suite, name, codec.encode(settings), "ok", None, metrics, mode=None if suite == "gradpath" else Mode())
+
+
+def t6(name: str, seconds: float, **counts) -> CaseResult:
+    """A table6 case of the cpu profile, as stored (its settings in JSON form)."""
+    norm, options, _ = table6.NORMS[name]
+    settings = table6.Settings(table6.PROFILES["cpu"], norm, options, "mask_rcnn", 50, "heads")
+    return timing_case("table6", name, settings, seconds, **counts)
 
 
 @pytest.mark.parametrize("name", SUITES)
@@ -40,7 +48,7 @@ def test_a_module_missing_part_of_the_contract_is_refused_naming_each_gap():
     module = types.ModuleType("half_a_suite")
     module.NAME, module.PROFILES, module.cases = "half", {"smoke": "tiny"}, lambda *a: []
     with pytest.raises(ValueError, match=r"half_a_suite does not satisfy bench.suite.Suite: it lacks default_profile "
-                                         r"\(a function\), build .* PROFILES \(a non-empty dict .*OPTIONS .*COUNTS"):
+                                         r"\(a function\), build .* SETTINGS \(a dataclass\), PROFILES \(a non-empty dict .*OPTIONS .*COUNTS"):
         check_suite(module)
 
 
@@ -49,24 +57,22 @@ def test_table6_cases_and_options():
     assert names == ["bn", "gn", "syncbn", "cbn", "naive_cbn", "none", "bn_control"]
     everywhere = table6.cases("cpu", "cpu", {"placement": "all", "arch": "faster_rcnn", "depth": "101"})
     assert "none" not in [c.name for c in everywhere]
-    assert everywhere[0].params["placement"] == "all" and everywhere[0].params["depth"] == "101"
+    assert everywhere[0].settings.placement == "all" and everywhere[0].settings.depth == 101
     assert {c.group for c in everywhere} == {"table6"}  # all norms timed interleaved
     with pytest.raises(ValueError, match="table6 has no option size"):
         table6.cases("cpu", "cpu", {"size": "1"})
 
 
 def test_table6_ratios_from_known_results():
-    params = {"arch": "mask_rcnn", "depth": "50", "placement": "heads", "profile": "cpu",
-              "settings": table6.settings(table6.PROFILES["cpu"])}
-    bn = timing_case("table6", "bn", params, 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
-    cbn = timing_case("table6", "cbn", params, 1.25, train_step_flops=113.0, forward_macs=50.0, counted_total_bytes=1020.0)
-    failed = CaseResult("table6", "gn", params, "error", "RuntimeError: out of memory")
-    derived = {d.name: d for d in table6.derive([bn, cbn, failed])}
-    assert derived["cbn/bn train_step_flops ratio"].value == pytest.approx(1.13)
-    assert derived["cbn/bn memory ratio"].value == pytest.approx(1.02)
-    assert derived["cbn/bn train iter/s ratio"].value == pytest.approx(0.8)
-    assert derived["cbn/bn step-time ratio over training-FLOP ratio"].value == pytest.approx(1.25 / 1.13)
-    assert not any(name.startswith("gn/") for name in derived)
+    bn = t6("bn", 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
+    cbn = t6("cbn", 1.25, train_step_flops=113.0, forward_macs=50.0, counted_total_bytes=1020.0)
+    failed = dataclasses.replace(t6("gn", 1.0), status="error", error="RuntimeError: out of memory", metrics={})
+    derived = {d.id.key: d for d in table6.derive([bn, cbn, failed])}
+    assert derived["cbn/train_step_flops/ratio_to:bn"].value == pytest.approx(1.13)
+    assert derived["cbn/memory/ratio_to:bn"].value == pytest.approx(1.02)
+    assert derived["cbn/train_iter_per_s/ratio_to:bn"].value == pytest.approx(0.8)
+    assert derived["cbn/step_time_over_flops/ratio_to:bn"].value == pytest.approx(1.25 / 1.13)
+    assert not any(key.startswith("gn/") for key in derived)
     run = RunResult("cpu", "cpu", ["table6"], environment(), [bn, failed, cbn], list(derived.values()))
     (table,) = table6.tables(run)
     rows = {row[0]: row for row in table.rows}
@@ -83,24 +89,23 @@ def test_classify_cases_group_each_model_and_ratios_stay_within_it():
     assert {c.group for c in cases} == {"resnet18", "resnet50"}  # norms timed interleaved per model
     with pytest.raises(ValueError, match="classify has no option depth"):
         classify.cases("cpu", "cpu", {"depth": "50"})
-    settings = classify.settings(classify.PROFILES["cpu"])
 
     def measured(model, norm, seconds, flops):
-        params = {"profile": "cpu", "settings": settings, "model": model, "norm": norm}
-        return timing_case("classify", f"{model}/{norm}", params, seconds, train_step_flops=flops, forward_macs=flops / 6,
-                           counted_total_bytes=1000.0)
+        settings = classify.Settings(classify.PROFILES["cpu"], model, norm)
+        return timing_case("classify", f"{model}/{norm}", settings, seconds, train_step_flops=flops,
+                           forward_macs=flops / 6, counted_total_bytes=1000.0)
 
     results = [measured("resnet18", "bn", 1.0, 100.0), measured("resnet18", "cbn", 1.5, 134.0),
                measured("resnet50", "bn", 2.0, 300.0), measured("resnet50", "gn", 2.2, 300.0)]
-    derived = {d.name: d for d in classify.derive(results)}
-    assert derived["resnet18.cbn/bn train iter/s ratio"].value == pytest.approx(1 / 1.5)
-    check = derived["resnet18.cbn/bn step-time ratio over training-FLOP ratio"]
+    derived = {d.id.key: d for d in classify.derive(results)}
+    assert derived["resnet18/cbn/train_iter_per_s/ratio_to:bn"].value == pytest.approx(1 / 1.5)
+    check = derived["resnet18/cbn/step_time_over_flops/ratio_to:bn"]
     assert check.value == pytest.approx(1.5 / 1.34)
     # the time ratio's paired interval over the exact FLOP ratio: every round gives the same ratio
     # (both cases' samples span 0.98-1.02 of their medians in step), so the interval closes on it
     assert check.ci_low == pytest.approx(check.value) == pytest.approx(check.ci_high)
-    assert derived["resnet50.gn/bn train iter/s ratio"].value == pytest.approx(1 / 1.1)
-    assert not any(name.startswith("resnet50.cbn") for name in derived)  # no CBN case for that model
+    assert derived["resnet50/gn/train_iter_per_s/ratio_to:bn"].value == pytest.approx(1 / 1.1)
+    assert not any(key.startswith("resnet50/cbn") for key in derived)  # no CBN case for that model
     run = RunResult("cpu", "cpu", ["classify"], environment(), results, list(derived.values()))
     r18, r50 = classify.tables(run)
     assert "ResNet-18" in r18.title and "4 x 224x224 images" in r18.title and "ResNet-50" in r50.title
@@ -110,16 +115,10 @@ def test_classify_cases_group_each_model_and_ratios_stay_within_it():
 
 
 def test_a_file_renders_the_sizes_it_was_measured_at_after_its_profile_changed(monkeypatch):
-    params = {"arch": "mask_rcnn", "depth": "50", "placement": "heads", "profile": "cpu",
-              "settings": table6.settings(table6.PROFILES["cpu"])}
-    bn = timing_case("table6", "bn", params, 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
+    bn = t6("bn", 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
     run = RunResult("cpu", "cpu", ["table6"], environment(), [bn], table6.derive([bn]))
     monkeypatch.setitem(table6.PROFILES, "cpu", dataclasses.replace(table6.PROFILES["cpu"], height_px=64, width_px=64))
     (table,) = table6.tables(run)
-    assert "2 x 320x320 images" in table.title
-    # a file from before settings were stored renders with the profile as it was then, not today's
-    old = dataclasses.replace(bn, params={k: v for k, v in params.items() if k != "settings"})
-    (table,) = table6.tables(RunResult("cpu", "cpu", ["table6"], environment(), [old], []))
     assert "2 x 320x320 images" in table.title
 
 
@@ -127,25 +126,25 @@ def test_gradpath_speedup_and_slopes_from_known_results():
     cases = []
     for c in (16, 32, 64):
         for path, seconds in (("efficient", 1e-6 * c**2), ("naive", 1e-8 * c**3)):
-            params = {"profile": "cpu", "path": path, "kernel": 3, "channels": c,
-                      "settings": gradpath.settings(gradpath.PROFILES["cpu"])}
-            cases.append(timing_case("gradpath", f"{path}-3x3-C{c}", params, seconds, stored_bytes_per_step=float(c)))
-    derived = {d.name: d.value for d in gradpath.derive(cases)}
-    assert derived["time slope in C, efficient 3x3"] == pytest.approx(2.0)
-    assert derived["time slope in C, naive 3x3"] == pytest.approx(3.0)
-    assert derived["speedup 3x3 C=64"] == pytest.approx(1e-8 * 64**3 / (1e-6 * 64**2))
+            settings = gradpath.Settings(gradpath.PROFILES["cpu"], path, 3, c)
+            cases.append(timing_case("gradpath", f"{path}-3x3-C{c}", settings, seconds, stored_bytes_per_step=float(c)))
+    derived = {d.id.key: d.value for d in gradpath.derive(cases)}
+    assert derived["efficient-3x3/stat_grad_time/loglog_slope_in:C"] == pytest.approx(2.0)
+    assert derived["naive-3x3/stat_grad_time/loglog_slope_in:C"] == pytest.approx(3.0)
+    assert derived["naive-3x3-C64/stat_grad_time/ratio_to:efficient"] == pytest.approx(1e-8 * 64**3 / (1e-6 * 64**2))
+    assert derived["naive-3x3-C64/stored_bytes_per_step/ratio_to:efficient"] == 1.0
 
 
 def test_gradpath_naive_path_is_skipped_over_its_memory_budget(monkeypatch):
     monkeypatch.setitem(gradpath.PROFILES, "smoke", dataclasses.replace(gradpath.PROFILES["smoke"], naive_budget_bytes=1000))
     case = gradpath.cases("smoke", "cpu")[1]
-    assert case.params["path"] == "naive"
+    assert case.settings.path == "naive"
     measured = gradpath.build(case, "cpu").measure()
     assert measured.status == "skipped" and "over the 1000 B budget" in measured.notes[0]
 
 
 def test_gradpath_paths_agree_within_one_run():
-    case = next(c for c in gradpath.cases("smoke", "cpu") if c.params["path"] == "naive")
+    case = next(c for c in gradpath.cases("smoke", "cpu") if c.settings.path == "naive")
     measured = gradpath.build(case, "cpu").measure()
     assert measured.error is None
     assert measured.metrics["max_relative_difference_to_efficient"].value < AGREEMENT_TOLERANCE
@@ -208,13 +207,10 @@ def test_a_timed_round_is_a_block_of_steps_then_a_block_of_inference_on_frozen_w
 
 
 def test_the_a_a_control_passes_within_its_margin_and_says_so_when_it_does_not():
-    params = {"arch": "mask_rcnn", "depth": "50", "placement": "heads", "profile": "cpu",
-              "settings": table6.settings(table6.PROFILES["cpu"])}
-    bn = timing_case("table6", "bn", params, 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
-    same = timing_case("table6", "bn_control", params, 1.0, train_step_flops=100.0, forward_macs=40.0,
-                       counted_total_bytes=1000.0)
-    derived = {d.name: d for d in table6.derive([bn, same])}
-    check = derived["bn_control/bn train iter/s interval deviation"]
+    bn = t6("bn", 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
+    same = t6("bn_control", 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
+    derived = {d.id.key: d for d in table6.derive([bn, same])}
+    check = derived["bn_control/train_iter_per_s_interval_deviation/ratio_to:bn"]
     assert check.kind == "timing" and check.value == pytest.approx(0.0, abs=1e-12)  # the same samples, round by round
     run = RunResult("cpu", "cpu", ["table6"], environment(), [bn, same], list(derived.values()))
     (table,) = table6.tables(run)
@@ -222,20 +218,18 @@ def test_the_a_a_control_passes_within_its_margin_and_says_so_when_it_does_not()
                for line in table.caption)
     noisy_metrics = dict(same.metrics, train_step_time=timing([1.0, 1.3, 0.8, 1.2, 0.9]))
     noisy = dataclasses.replace(same, metrics=noisy_metrics)
-    derived = {d.name: d for d in table6.derive([bn, noisy])}
-    assert derived["bn_control/bn train iter/s interval deviation"].value > 0.30
+    derived = {d.id.key: d for d in table6.derive([bn, noisy])}
+    assert derived["bn_control/train_iter_per_s_interval_deviation/ratio_to:bn"].value > 0.30
     (table,) = table6.tables(RunResult("cpu", "cpu", ["table6"], environment(), [bn, noisy], list(derived.values())))
     assert any("OUTSIDE the +-30% margin on cpu: this run's noise is too large" in line for line in table.caption)
 
 
 def test_a_missing_metric_leaves_its_cells_and_ratios_out_and_the_caption_says_why():
-    params = {"arch": "mask_rcnn", "depth": "50", "placement": "heads", "profile": "cpu",
-              "settings": table6.settings(table6.PROFILES["cpu"])}
-    bn = timing_case("table6", "bn", params, 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
-    cbn = timing_case("table6", "cbn", params, 1.25, train_step_flops=113.0, counted_total_bytes=1020.0)
+    bn = t6("bn", 1.0, train_step_flops=100.0, forward_macs=40.0, counted_total_bytes=1000.0)
+    cbn = t6("cbn", 1.25, train_step_flops=113.0, counted_total_bytes=1020.0)
     cbn = dataclasses.replace(cbn, missing={"forward_macs": "RuntimeError: fvcore could not trace"})
-    derived = {d.name: d for d in table6.derive([bn, cbn])}
-    assert "cbn/bn forward_macs ratio" not in derived and "cbn/bn train iter/s ratio" in derived
+    derived = {d.id.key: d for d in table6.derive([bn, cbn])}
+    assert "cbn/forward_macs/ratio_to:bn" not in derived and "cbn/train_iter_per_s/ratio_to:bn" in derived
     (table,) = table6.tables(RunResult("cpu", "cpu", ["table6"], environment(), [bn, cbn], list(derived.values())))
     assert {row[0]: row for row in table.rows}["CBN k=4"][2] == "missing"
     assert "CBN k=4: forward_macs missing (RuntimeError: fvcore could not trace)" in table.caption

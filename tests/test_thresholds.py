@@ -6,13 +6,8 @@ import pytest
 
 from bench.gate import thresholds
 from bench.gate.thresholds import ThresholdsError
-from suites.constants import (
-    CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET,
-    CONTROL,
-    CONTROL_MARGIN,
-    STEP_TIME_OVER_FLOPS,
-    STEP_TIME_OVER_FLOPS_TARGET,
-)
+from suites import ratios
+from suites.constants import CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET, CONTROL, CONTROL_MARGIN, STEP_TIME_OVER_FLOPS_TARGET
 
 COMMITTED = Path(__file__).resolve().parents[1] / "results" / "thresholds.toml"
 
@@ -119,21 +114,23 @@ def test_a_per_device_table_with_an_unknown_device_reads_as_a_dotted_name(tmp_pa
 
 
 def test_the_gate_enforces_the_step_time_target_that_table6_prints():
-    rules = [r for r in thresholds.load(COMMITTED) if r.pattern == f"table6.{STEP_TIME_OVER_FLOPS}"]
+    rules = [r for r in thresholds.load(COMMITTED) if r.pattern == str(ratios.step_time_over_flops_id("table6", "cbn"))]
     assert {r.devices: (r.op, r.absolute) for r in rules} == {
         (device,): ("<=", target) for device, target in STEP_TIME_OVER_FLOPS_TARGET.items()}
 
 
 def test_classify_holds_its_step_time_ratio_to_the_baseline_while_its_target_is_a_goal():
-    rules = [r for r in thresholds.load(COMMITTED) if r.pattern == f"classify.resnet18.{STEP_TIME_OVER_FLOPS}"]
+    check = ratios.step_time_over_flops_id("classify", "resnet18/cbn")
+    rules = [r for r in thresholds.load(COMMITTED) if r.pattern == str(check)]
     assert [(r.op, r.absolute, r.devices) for r in rules] == [("<=", None, ())]
     assert CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET["cpu"] == 1.08
 
 
-@pytest.mark.parametrize("pattern", [f"table6.{CONTROL}/bn {{}} interval deviation",
-                                     f"classify.resnet18.{CONTROL}/bn {{}} interval deviation"])
-def test_the_gate_holds_every_a_a_control_to_the_margin_the_tables_print(pattern):
-    for label in ("train iter/s", "inference iter/s"):
-        rules = [r for r in thresholds.load(COMMITTED) if r.pattern == pattern.format(label)]
+@pytest.mark.parametrize("suite, subject", [("table6", CONTROL), ("classify", f"resnet18/{CONTROL}")])
+def test_the_gate_holds_every_a_a_control_to_the_margin_the_tables_print(suite, subject):
+    for quantity, _ in ratios.TIMED.values():
+        figure = ratios.deviation_id(suite, subject, quantity)
+        rules = [r for r in thresholds.load(COMMITTED) if r.pattern == str(figure)]
+        assert rules, figure
         assert {r.devices: (r.op, r.absolute) for r in rules} == {
             (device,): ("<=", margin) for device, margin in CONTROL_MARGIN.items()}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench import cli, counts, flops, pytest_suites, training_modes
+from bench import cli, codec, counts, flops, pytest_suites, training_modes
 from bench.gate import sources
 from bench.gate.sources import GateError
 from bench.suite import load_suite
@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO_BASELINE = ROOT / "results" / "baselines" / "cpu" / "micro.json"
 
 
-def test_a_mode_round_trips_through_case_params_and_names_itself():
+def test_a_mode_round_trips_through_suite_options_and_the_codec_and_names_itself():
     mode = Mode("bf16", channels_last=True, compile=True)
-    assert Mode.of(mode.options()) == mode
-    assert Mode.of({}) == Mode()  # files from before modes ran fp32, eager
+    assert Mode.from_options(mode.options()) == mode
+    assert Mode.from_options({}) == Mode()  # the defaults: fp32, eager
+    assert codec.decode(Mode, codec.encode(mode)) == mode
     assert mode.label == "bf16, channels_last, compiled" and Mode().label == "fp32, eager"
     assert mode.slug == "-bf16-channels_last-compiled" and Mode().slug == ""
     assert mode.flags == " --precision bf16 --channels-last --compile" and Mode().flags == ""
@@ -35,7 +36,7 @@ def test_a_mode_round_trips_through_case_params_and_names_itself():
 def test_fp16_is_refused_on_cpu_with_the_fix():
     with pytest.raises(ValueError, match="use --precision bf16 on CPU"):
         table6.cases("smoke", "cpu", {"precision": "fp16"})
-    assert all(c.params["precision"] == "fp16" for c in table6.cases("smoke", "cuda", {"precision": "fp16"}))
+    assert all(c.mode == Mode("fp16") for c in table6.cases("smoke", "cuda", {"precision": "fp16"}))
 
 
 def test_the_command_line_flags_reach_the_suites_that_take_a_mode():
@@ -44,7 +45,7 @@ def test_the_command_line_flags_reach_the_suites_that_take_a_mode():
     options = cli.suite_options(args, suites)
     assert options["table6"] == options["classify"] == {"precision": "bf16", "channels_last": "on"}
     cases = classify.cases("smoke", "cpu", options["classify"])
-    assert {Mode.of(c.params) for c in cases} == {Mode("bf16", channels_last=True)}
+    assert {c.mode for c in cases} == {Mode("bf16", channels_last=True)}
     gradpath_only = cli.parser().parse_args(["run", "gradpath", "--compile"])
     with pytest.raises(ValueError, match="no selected suite takes option 'compile'"):
         cli.suite_options(gradpath_only, {"gradpath": load_suite({"gradpath": "suites.gradpath"}, "gradpath")})
@@ -52,10 +53,13 @@ def test_the_command_line_flags_reach_the_suites_that_take_a_mode():
 
 def test_stored_counts_serve_every_mode():
     """A FLOP count does not depend on autocast, memory format or compilation (counted eagerly)."""
-    base = {"profile": "smoke", "norm": "cbn", **Mode().options()}
-    other = {**base, **Mode("bf16", True, True).options()}
-    assert counts.key(base, "2.15.0", "0.30.0", "abc") == counts.key(other, "2.15.0", "0.30.0", "abc")
-    assert counts.key(base, "2.15.0", "0.30.0", "abc") != counts.key({**base, "norm": "bn"}, "2.15.0", "0.30.0", "abc")
+    def key(case):
+        return counts.key(codec.encode(case.settings), "2.15.0", "0.30.0", "abc")
+
+    eager = {c.name: c for c in table6.cases("smoke", "cpu")}
+    other = {c.name: c for c in table6.cases("smoke", "cpu", {"precision": "bf16", "channels_last": "on", "compile": "on"})}
+    assert other["cbn"].mode != eager["cbn"].mode and key(other["cbn"]) == key(eager["cbn"])
+    assert key(eager["cbn"]) != key(eager["bn"])
 
 
 def micro_source(tmp_path: Path, mode: Mode) -> sources.Source:
@@ -82,7 +86,7 @@ def test_the_gate_compares_one_mode_with_the_same_mode_only(tmp_path):
 
 def test_a_results_file_of_mixed_modes_is_refused(tmp_path):
     run = pytest_suites.load(MICRO_BASELINE)
-    cases = [dataclasses.replace(c, params={**c.params, **Mode(compile=i % 2 == 0).options()}) for i, c in enumerate(run.cases)]
+    cases = [dataclasses.replace(c, mode=Mode(compile=i % 2 == 0)) for i, c in enumerate(run.cases)]
     with pytest.raises(GateError, match="several training modes"):
         sources.from_run(dataclasses.replace(run, cases=cases), "mixed.json", 1)
 
@@ -99,7 +103,7 @@ def test_a_layer_step_runs_in_bfloat16_channels_last_with_float32_statistics():
 
 def test_compiled_targets_are_compiled_in_place_after_measuring():
     """nn.Module.compile keeps the module tree (and state_dict keys) as they were."""
-    case = next(c for c in classify.cases("smoke", "cpu", {"compile": "on"}) if c.params["norm"] == "bn")
+    case = next(c for c in classify.cases("smoke", "cpu", {"compile": "on"}) if c.settings.norm == "bn")
     workload = classify.build(case, "cpu")
     keys = list(workload.model.state_dict())
     assert workload.compile_targets() == [workload.model] and not workload.compiled

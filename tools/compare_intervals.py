@@ -23,11 +23,11 @@ def main(path: str) -> None:
         groups: dict[str, list[results.CaseResult]] = {}
         for case in run.cases_of(suite):
             if case.status == "ok":
-                groups.setdefault(case.params.get("model", ""), []).append(case)
+                groups.setdefault(case.settings.get("model", ""), []).append(case)
         for group in groups.values():
             bn = next((c for c in group if c.case.split("/")[-1] == "bn"), None)
             for case in [c for c in group if c is not bn] if bn else []:
-                for metric, label in (t for t in TIMED if t[0] in case.metrics):
+                for metric, (_, label) in ((m, t) for m, t in TIMED.items() if m in case.metrics):
                     old = ratio_of_medians(bn.metrics[metric].samples, case.metrics[metric].samples)
                     new = paired(bn, case, metric)
                     print(f"{suite:9s} {case.case:22s} {label:17s} old {old.median:.3f} [{old.ci_low:.3f}, {old.ci_high:.3f}]"

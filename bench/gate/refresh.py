@@ -49,13 +49,13 @@ def _refresh_run(old: RunResult, new: RunResult, source: Path) -> tuple[str, lis
                 metrics[name] = metric
         notes = [n for n in case.notes if not n.startswith(COUNTS_NOTE)] + [f"{COUNTS_NOTE} {source.name}"]
         cases.append(dataclasses.replace(case, metrics=metrics, notes=notes))
-    derived_new = {(d.suite, d.name): d for d in new.derived if d.kind == "count"}
+    derived_new = {d.id: d for d in new.derived if d.kind == "count"}
     derived = []
     for figure in old.derived:
-        fresh_figure = derived_new.get((figure.suite, figure.name))
+        fresh_figure = derived_new.get(figure.id)
         if fresh_figure is not None and figure.kind == "count":
             if fresh_figure.value != figure.value:
-                changes.append(f"{figure.suite}.{figure.name}: {figure.value:g} -> {fresh_figure.value:g}")
+                changes.append(f"{figure.id}: {figure.value:g} -> {fresh_figure.value:g}")
             figure = fresh_figure
         derived.append(figure)
     return results.to_json(dataclasses.replace(old, cases=cases, derived=derived)), changes

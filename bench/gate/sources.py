@@ -1,9 +1,9 @@
 """What the gate compares: named metrics drawn from a cbn-bench results file or a micro-benchmark
 (pytest-benchmark) file, with the device class, profile and schema that decide comparability.
 
-Metric names are ``<suite>.<case>.<metric>`` for a case's figure (``table6.cbn.train_step_flops``),
-``<suite>.<figure>`` for a derived one (``table6.cbn/bn train iter/s ratio``) and
-``micro.<group>.<norm>/<reference> time ratio`` for the micro-benchmarks.
+Metric names are ``<suite>.<case>.<metric>`` for a case's figure (``table6.cbn.train_step_flops``)
+and ``<suite>.<figure id's key>`` for a derived one (``table6.cbn/train_iter_per_s/ratio_to:bn``,
+bench.results.FigureId): never a figure's label, which may change freely.
 """
 
 from __future__ import annotations
@@ -68,20 +68,19 @@ def from_run(run: RunResult, path: str, stored_version: int) -> Source:
         for name, metric in case.metrics.items():
             metrics[f"{case.suite}.{case.case}.{name}"] = GatedValue(metric.value, metric.timing)
     for d in run.derived:
-        metrics[f"{d.suite}.{d.name}"] = GatedValue(d.value, d.timing)
+        metrics[str(d.id)] = GatedValue(d.value, d.timing)
     settings: dict[str, set[str]] = {}
     for case in run.cases:
-        if "settings" in case.params:
-            settings.setdefault(case.suite, set()).add(json.dumps(case.params["settings"], sort_keys=True))
+        settings.setdefault(case.suite, set()).add(json.dumps(case.settings, sort_keys=True))
     e = run.environment
     return Source(path, f"{run.schema} v{stored_version}", "cpu" if run.device == "cpu" else "cuda",
                   device_class(run.device, e.device_name), run.profile, tuple(run.suites), metrics, absent,
                   e.cpu_model, e.threads, {suite: sorted(texts) for suite, texts in settings.items()}, _mode(run, path),
-                  max((case.params.get("world_size", 1) for case in run.cases), default=1))
+                  max((case.processes.world_size for case in run.cases), default=1))
 
 
 def _mode(run: RunResult, path: str) -> Mode:
-    found = {Mode.of(case.params) for case in run.cases if "precision" in case.params}  # suites that take a mode
+    found = {case.mode for case in run.cases if case.mode is not None}  # the cases of suites that take a mode
     if len(found) > 1:
         raise GateError(f"{path} holds cases of several training modes ({', '.join(sorted(m.label for m in found))}); "
                         "the gate compares one mode at a time")

@@ -2,9 +2,9 @@
 
     [table6]                                   # the suite; keys are the rest of the metric name
     "*.train_step_flops" = "== baseline"       # deterministic: must not move at all
-    "cbn/bn train iter/s ratio" = ">= baseline - 8%"
+    "cbn/train_iter_per_s/ratio_to:bn" = ">= baseline - 8%"   # a derived figure, by its id
     [gradpath]
-    "speedup 3x3 C=256" = ">= 50"              # an absolute floor, no baseline needed
+    "naive-3x3-C256/stat_grad_time/ratio_to:efficient" = ">= 50"   # an absolute floor, no baseline needed
 
 A metric's entry is one rule or a list of rules that must all hold (``[">= 50", ">= baseline - 40%"]``),
 or an inline table of such rules per device, for metrics that exist on some devices only or are
