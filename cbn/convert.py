@@ -76,6 +76,8 @@ def convert(
     modules = dict(model.named_modules())
     pairs = find_conv_pairs(model)
     targets = [n for n, m in modules.items() if _is_norm(m) and (include is None or include(n, m))]
+    if not targets:
+        raise ValueError(_nothing_to_convert(model, modules, include is not None))
 
     def needs_conv(module: nn.Module) -> bool:
         return module.compensate if isinstance(module, CrossIterationBatchNorm2d) else compensate
@@ -105,6 +107,18 @@ def convert(
         if name in pairs:
             layer.bind(modules[pairs[name]], name=name or None, conv_name=pairs[name])
     return keep_statistics_per_rank(model)
+
+
+def _nothing_to_convert(model: nn.Module, modules: dict[str, nn.Module], filtered: bool) -> str:
+    """Why convert found no layer, and what to do instead."""
+    what = type(model).__name__
+    if filtered and any(_is_norm(m) for m in modules.values()):
+        return f"cbn.convert: include=... matched none of the norm layers of {what}; nothing was converted"
+    frozen = [n for n, m in modules.items() if type(m).__name__ == "FrozenBatchNorm2d"]
+    hint = (f" It has FrozenBatchNorm2d layers ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}), "
+            "fixed affine maps that CBN does not replace: build the model with norm_layer=nn.BatchNorm2d "
+            "or cbn.norm_layer('cbn').") if frozen else " Build it with norm_layer=cbn.norm_layer('cbn') or nn.BatchNorm2d."
+    return f"cbn.convert: {what} has no BatchNorm2d, SyncBatchNorm or CBN layer, so there is nothing to convert.{hint}"
 
 
 def _from_batchnorm(bn: nn.modules.batchnorm._BatchNorm, **options) -> CrossIterationBatchNorm2d:

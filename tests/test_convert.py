@@ -61,6 +61,18 @@ def test_unpairable_norms_are_named_and_the_model_is_left_untouched():
     assert isinstance(naive.post, cbn.CrossIterationBatchNorm2d) and naive.post.conv is None
 
 
+def test_a_model_with_nothing_to_convert_is_an_error_that_says_why():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    with pytest.raises(ValueError, match="Sequential has no BatchNorm2d, SyncBatchNorm or CBN layer.*norm_layer="):
+        cbn.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"FrozenBatchNorm2d layers \(1\), fixed affine maps that CBN does not replace"):
+        cbn.convert(frozen)
+    with pytest.raises(ValueError, match="include=... matched none of the norm layers of Sequential"):
+        cbn.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), include=lambda name, m: False)
+
+
 def test_a_wrong_pairing_is_caught_at_run_time():
     model = Unpairable()
     model.post = cbn.CrossIterationBatchNorm2d(4, window=2).bind(model.conv, name="post", conv_name="conv")
