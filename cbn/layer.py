@@ -531,6 +531,10 @@ class CrossIterationBatchNorm2d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         _upgrade_state(state_dict, prefix, local_metadata.get("version"))
+        wrong = self._misshapen_history(state_dict, prefix)
+        if wrong:
+            error_msgs.extend(wrong)
+            return
         # History buffers are allocated lazily, so give them the stored shapes before loading.
         for name in self._history_fields():
             stored = state_dict.get(prefix + name)
@@ -552,6 +556,26 @@ class CrossIterationBatchNorm2d(nn.Module):
         if from_batchnorm and extra_key in missing_keys:
             missing_keys.remove(extra_key)
         self._reset_transients()
+
+    def _misshapen_history(self, state_dict: dict, prefix: str) -> list[str]:
+        """One message per stored history buffer whose shape does not fit this layer: its window
+        and channels, and, once bound, its conv's geometry (unbound, the path's fields are checked
+        against the conv when it is bound: bind starts a fresh history)."""
+        slots = self.window - 1
+        expected: dict[str, tuple[int, ...]] = {"mean": (slots, self.num_features), "var": (slots, self.num_features),
+                                                "valid": (slots,)}
+        if self._conv is not None and self.compensate and self.window > 1:
+            shapes = GRAD_PATHS[self.grad_path].field_shapes(self._geometry())
+            expected.update({field: (slots, *shape) for field, shape in shapes.items()})
+        bound = "" if self._conv is None else f", conv weight {tuple(self._conv.weight.shape)}"
+        out = []
+        for field, shape in expected.items():
+            stored = state_dict.get(prefix + "history_" + field)
+            if stored is not None and tuple(stored.shape) != shape:
+                out.append(f"{prefix}history_{field}: the checkpoint holds shape {tuple(stored.shape)}, but this layer "
+                           f"(window={self.window}, {self.num_features} channels{bound}) keeps {shape}; load it into a "
+                           "layer built and bound as the one that saved it")
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -105,8 +105,24 @@ def test_loading_a_checkpoint_with_another_window_is_refused():
     net = conv_cbn_net(window=3)
     train(net, batches(3))
     other = conv_cbn_net(window=5)
-    with pytest.raises(ValueError, match="window=5 needs 4"):
+    with pytest.raises(RuntimeError, match=r"1.history_mean: the checkpoint holds shape \(2, 6\), but this layer "
+                                           r"\(window=5, 6 channels, conv weight \(6, 3, 3, 3\)\) keeps \(4, 6\)"):
         other.load_state_dict(net.state_dict())
+    state = {k: v for k, v in net.state_dict().items() if "history" not in k}  # slots counted, none stored
+    with pytest.raises(ValueError, match="window=5 needs 4"):
+        other.load_state_dict(state, strict=False)
+
+
+def test_a_history_buffer_that_does_not_fit_the_bound_conv_is_refused_by_name():
+    net = conv_cbn_net(window=3)
+    train(net, batches(3))
+    state = net.state_dict()
+    state["1.history_grad_sq"] = torch.zeros(2, 6, 3, 3, 1)  # another conv's geometry
+    fresh = conv_cbn_net(window=3)
+    with pytest.raises(RuntimeError, match=r"1.history_grad_sq: the checkpoint holds shape \(2, 6, 3, 3, 1\), but "
+                                           r"this layer .* keeps \(2, 6, 3, 3, 3\)"):
+        fresh.load_state_dict(state)
+    assert fresh[1].history_mean is None  # nothing of the misfit loaded
 
 
 def test_deepcopy_binds_the_copy_to_the_copied_conv():
