@@ -150,7 +150,12 @@ def _mode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=list(training_modes.PRECISIONS), help="fp32 (default), or bf16 / fp16 autocast "
                    "(fp16 with a GradScaler, CUDA only); same as --set precision=...")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models (each suite's docs say which parts)")
+    p.add_argument("--compile", nargs="?", const="default", choices=training_modes.COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the models (each suite's docs say which parts), in torch.compile's MODE: "
+                   f"{', '.join(training_modes.COMPILE_MODES)} (default default; reduce-overhead needs CUDA); "
+                   "put it after the suite names")
+    p.add_argument("--fullgraph", action="store_true", help="with --compile: torch.compile(fullgraph=True), so a graph "
+                   "break fails the case instead of splitting the graph")
 
 
 

@@ -204,7 +204,8 @@ def mode_caption(mode: Mode, compiled_part: str) -> list[str]:
     if mode.channels_last:
         lines.append("channels_last: the model's weights (and image batches) in channels_last memory format")
     if mode.compile:
-        lines.append(f"compiled (torch.compile, inductor, default mode): {compiled_part}; FLOPs and memory measured "
+        how = f"inductor, mode {mode.compile_mode}" + (", fullgraph" if mode.fullgraph else "")
+        lines.append(f"compiled (torch.compile, {how}): {compiled_part}; FLOPs and memory measured "
                      f"before compiling; dynamo's recompile_limit raised to {RECOMPILE_LIMIT} (CBN breaks the graph once "
                      "per layer); on several processes without dynamo's DDPOptimizer (optimize_ddp=False)")
     return lines

@@ -33,6 +33,44 @@ def test_a_mode_round_trips_through_suite_options_and_the_codec_and_names_itself
         Mode("fp8")
 
 
+def test_a_compile_mode_and_fullgraph_travel_as_options_flags_and_names():
+    mode = Mode(compile=True, compile_mode="max-autotune-no-cudagraphs", fullgraph=True)
+    assert mode.options() == {"precision": "fp32", "channels_last": "off", "compile": "max-autotune-no-cudagraphs",
+                              "fullgraph": "on"}
+    assert Mode.from_options(mode.options()) == mode and codec.decode(Mode, codec.encode(mode)) == mode
+    assert Mode.from_options({"compile": "on"}) == Mode(compile=True)  # files from before the compile modes
+    assert mode.label == "fp32, compiled max-autotune-no-cudagraphs fullgraph"
+    assert mode.slug == "-fp32-compiled-max-autotune-no-cudagraphs-fullgraph"
+    assert mode.flags == " --compile max-autotune-no-cudagraphs --fullgraph"
+    args = cli.parser().parse_args(["run", "classify", "--compile", "reduce-overhead", "--fullgraph"])
+    assert training_modes.from_args(args) == Mode(compile=True, compile_mode="reduce-overhead", fullgraph=True)
+    assert training_modes.from_args(cli.parser().parse_args(["run", "classify", "--compile"])) == Mode(compile=True)
+    with pytest.raises(ValueError, match="needs compiling: add --compile"):
+        training_modes.from_args(cli.parser().parse_args(["run", "classify", "--fullgraph"]))
+
+
+def test_reduce_overhead_is_refused_on_cpu_with_the_reason():
+    with pytest.raises(ValueError, match="reduce-overhead records CUDA graphs, which need a CUDA device"):
+        classify.cases("smoke", "cpu", {"compile": "reduce-overhead"})
+    assert {c.mode.compile_mode for c in classify.cases("smoke", "cuda", {"compile": "reduce-overhead"})} == {
+        "reduce-overhead"}
+
+
+@pytest.mark.parametrize("backend, mode, passed", [
+    ("inductor", Mode(compile=True, compile_mode="max-autotune-no-cudagraphs", fullgraph=True),
+     {"backend": "inductor", "fullgraph": True, "mode": "max-autotune-no-cudagraphs"}),
+    ("inductor", Mode(compile=True), {"backend": "inductor", "fullgraph": False}),
+    ("eager", Mode(compile=True, compile_mode="reduce-overhead"), {"backend": "eager", "fullgraph": False}),
+])
+def test_compiling_in_place_passes_the_mode_to_inductor_only(monkeypatch, backend, mode, passed):
+    seen = {}
+    module = nn.Linear(2, 2)
+    monkeypatch.setattr(module, "compile", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(training_modes, "BACKEND", backend)
+    mode.compile_in_place(module)
+    assert seen == passed
+
+
 def test_fp16_is_refused_on_cpu_with_the_fix():
     with pytest.raises(ValueError, match="use --precision bf16 on CPU"):
         table6.cases("smoke", "cpu", {"precision": "fp16"})
@@ -57,7 +95,7 @@ def test_stored_counts_serve_every_mode():
         return counts.key(codec.encode(case.settings), "2.15.0", "0.30.0", "abc")
 
     eager = {c.name: c for c in table6.cases("smoke", "cpu")}
-    other = {c.name: c for c in table6.cases("smoke", "cpu", {"precision": "bf16", "channels_last": "on", "compile": "on"})}
+    other = {c.name: c for c in table6.cases("smoke", "cpu", {"precision": "bf16", "channels_last": "on", "compile": "default"})}
     assert other["cbn"].mode != eager["cbn"].mode and key(other["cbn"]) == key(eager["cbn"])
     assert key(eager["cbn"]) != key(eager["bn"])
 
@@ -103,7 +141,7 @@ def test_a_layer_step_runs_in_bfloat16_channels_last_with_float32_statistics():
 
 def test_compiled_targets_are_compiled_in_place_after_measuring():
     """nn.Module.compile keeps the module tree (and state_dict keys) as they were."""
-    case = next(c for c in classify.cases("smoke", "cpu", {"compile": "on"}) if c.settings.norm == "bn")
+    case = next(c for c in classify.cases("smoke", "cpu", {"compile": "default"}) if c.settings.norm == "bn")
     workload = classify.build(case, "cpu")
     keys = list(workload.model.state_dict())
     assert workload.compile_targets() == [workload.model] and not workload.compiled
@@ -168,7 +206,7 @@ def test_table6_measures_in_bfloat16_channels_last_at_smoke_size():
 
 @pytest.mark.slow
 def test_table6_warms_up_and_times_compiled_at_smoke_size(quick_compile):
-    workload = table6_workload({"compile": "on"})
+    workload = table6_workload({"compile": "default"})
     workload.warmup()  # what the worker runs after measuring: compiles, fills CBN's windows, runs the timed cycle
     timed = {name: samples[0] for name, samples in workload.timed_round(kept=1, discarded=0).items()}
     heads = workload.model.roi_heads
