@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import codec
 
-PROTOCOL_VERSION = 2  # 2: a case's settings, mode and processes typed (bench.suite.Case)
+PROTOCOL_VERSION = 3  # 2: a case's settings, mode and processes typed (bench.suite.Case); 3: Warmed.metrics
 
 
 class ProtocolError(ValueError):
@@ -86,7 +86,7 @@ class Measured:
 
 @dataclass(frozen=True)
 class Warmed:
-    pass
+    metrics: dict[str, Any] = field(default_factory=dict)  # a compiling workload's census (bench.suite.Compiles)
 
 
 @dataclass(frozen=True)

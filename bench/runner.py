@@ -36,8 +36,8 @@ class WorkerError(RuntimeError):
     pass
 
 
-def _metrics(measured: protocol.Measured) -> dict[str, Metric]:
-    return {name: Metric.from_json(m) for name, m in measured.metrics.items()}
+def _metrics(reply: protocol.Measured | protocol.Warmed) -> dict[str, Metric]:
+    return {name: Metric.from_json(m) for name, m in reply.metrics.items()}
 
 
 class WorkerProcess:
@@ -199,6 +199,7 @@ class _GroupRun:
         self.hook, self.results = hook, results
         self.workers: dict[str, WorkerProcess] = {}
         self.measured: dict[str, protocol.Measured] = {}
+        self.warmed: dict[str, protocol.Warmed] = {}  # a compiling workload's census
         self.samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.sample_rounds: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         self.rank_samples: dict[str, dict[str, list[list[float]]]] = defaultdict(dict)  # nproc > 1: each rank's
@@ -273,7 +274,7 @@ class _GroupRun:
         self.sampling = {name: dataclasses.replace(s, cuda_cache=why) for name, s in self.sampling.items()}
 
     def _warmup(self, case: Case) -> None:
-        self.workers[case.name].request(protocol.Warmup(self.empty_cache))
+        self.warmed[case.name] = self.workers[case.name].request(protocol.Warmup(self.empty_cache))
 
     def _round(self, case: Case, round_index: int) -> None:
         how = self.sampling[case.name]
@@ -290,6 +291,8 @@ class _GroupRun:
     def _finish(self, case: Case, status: str = "ok", error: str | None = None) -> None:
         measured = self.measured[case.name]
         metrics = _metrics(measured)
+        if case.name in self.warmed:
+            metrics.update(_metrics(self.warmed[case.name]))
         per_rank = self.rank_samples[case.name]
         rounds = self.sample_rounds[case.name]
         metrics.update({name: timing(list(values), ranks.rank_medians(per_rank[name]) if name in per_rank else (),

@@ -96,6 +96,16 @@ class Profiled(Protocol):
 
 
 @runtime_checkable
+class Compiles(Protocol):
+    """Optional: a workload that may compile in warmup() and says what torch.compile made of it."""
+
+    def compile_census(self) -> dict[str, Metric]:
+        """bench/compile_census.py's metrics of its warm-up (graphs, breaks, frames, recompiles);
+        empty when it did not compile. The runner adds them to the case's metrics."""
+        ...
+
+
+@runtime_checkable
 class ReusesCounts(Protocol):
     """Optional: a workload whose device-independent counts (FLOPs) a stored entry can supply."""
 

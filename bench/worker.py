@@ -31,7 +31,7 @@ import torch
 from bench import protocol, ranks
 from bench.cuda_math import CudaMath
 from bench.profiling import profile_steps
-from bench.suite import Case, Profiled, ReusesCounts, Workload, decode_case
+from bench.suite import Case, Compiles, Profiled, ReusesCounts, Workload, decode_case
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +109,8 @@ def _run(workload: Workload, request: protocol.Request, device: str) -> protocol
             torch.cuda.empty_cache()  # the next case is measured with the device to itself
     elif isinstance(request, protocol.Warmup):
         workload.warmup()
-        result = protocol.Warmed()
+        census = workload.compile_census() if isinstance(workload, Compiles) else {}
+        result = protocol.Warmed({k: m.to_json() for k, m in census.items()})
     elif isinstance(request, protocol.Round):
         result = protocol.Timed(workload.timed_round(request.kept, request.discarded))
     elif isinstance(request, protocol.Profile):

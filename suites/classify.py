@@ -194,6 +194,7 @@ def _caption(run: RunResult, model: str, derived: dict[FigureId, Derived]) -> li
         *processes_caption(cases_here[0].processes),
     ]
     lines += ratios.control_caption(NAME, f"{model}/", derived, run.device)
+    lines += ratios.census_lines(cases_here, lambda c: _norm_label(settings_of(Settings, c).norm))
     lines += ratios.missing_lines(cases_here, lambda c: _norm_label(settings_of(Settings, c).norm))
     check = derived.get(ratios.step_time_over_flops_id(NAME, f"{model}/cbn"))
     if check is not None:

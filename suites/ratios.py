@@ -147,6 +147,16 @@ def cells(case: CaseResult, derived: dict[FigureId, Derived]) -> list[str]:
     ]
 
 
+def census_lines(cases: list[CaseResult], label) -> list[str]:
+    """The compile census of a compiled run, one line for every case that has one."""
+    found = [(label(c), c.metrics) for c in cases if "compiled_graphs" in c.metrics]
+    if not found:
+        return []
+    cells = "; ".join(f"{name} {m['compiled_graphs'].value:.0f} / {m['graph_breaks'].value:.0f} / "
+                      f"{m['compiled_frames'].value:.0f} / {m['recompiles'].value:.0f}" for name, m in found)
+    return [f"compile census over the warm-up (graphs / graph breaks / compiled frames / recompiles): {cells}"]
+
+
 def missing_lines(cases: list[CaseResult], label) -> list[str]:
     """Caption lines naming each metric a case could not measure, and why."""
     return [f"{label(c)}: {metric} missing ({why})" for c in cases for metric, why in c.missing.items()]

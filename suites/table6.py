@@ -349,6 +349,7 @@ def _caption(run: RunResult, derived: dict[FigureId, Derived]) -> list[str]:
                       "the RPN and the RoI heads' sampling run eagerly"),
     ]
     lines += ratios.control_caption(NAME, "", derived, run.device)
+    lines += ratios.census_lines(cases_here, lambda c: NORMS[c.case][2])
     lines += ratios.missing_lines(cases_here, lambda c: NORMS[c.case][2])
     check = derived.get(ratios.step_time_over_flops_id(NAME, "cbn"))
     if check is not None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bench import flops, memory, ranks
+from bench.compile_census import CompileCensus
 from bench.metrics import Collected, Metric, count, peak
 from bench.sampling import keep_last
 from bench.suite import Processes
@@ -47,6 +48,7 @@ class TrainingWorkload:
     scaler: torch.amp.GradScaler | None = None
     ddp: nn.Module | None = None  # DistributedDataParallel around the model on several processes
     compiled: bool = False
+    census: CompileCensus | None = None  # what compiling made of the warm-up (compiled modes)
     steps_done: int = 0
     inference_warmup_calls = 1
 
@@ -154,16 +156,22 @@ class TrainingWorkload:
         return macs
 
     def warmup(self) -> None:
-        self.compile_now()
-        for _ in range(max(self.profile.warmup_steps, WINDOW + 1 - self.steps_done)):  # and CBN's window full
+        with CompileCensus() if self.mode.compile else contextlib.nullcontext() as census:
+            self.compile_now()
+            for _ in range(max(self.profile.warmup_steps, WINDOW + 1 - self.steps_done)):  # and CBN's window full
+                self.train_step()
+            for _ in range(self.inference_warmup_calls):
+                self.inference()
+            # Then the timed rounds' cycle once more (training after evaluation): compiled, the
+            # switch back to training mode guards graphs of its own, which must not compile while timed.
             self.train_step()
-        for _ in range(self.inference_warmup_calls):
             self.inference()
-        # Then the timed rounds' cycle once more (training after evaluation): compiled, the
-        # switch back to training mode guards graphs of its own, which must not compile while timed.
-        self.train_step()
-        self.inference()
-        synchronize(self.device)
+            synchronize(self.device)
+        self.census = census
+
+    def compile_census(self) -> dict[str, Metric]:
+        """What torch.compile made of the warm-up (bench.suite.Compiles); nothing when eager."""
+        return self.census.metrics() if self.census is not None else {}
 
     def profiled_steps(self) -> dict[str, Callable[[], None]]:
         return {"train": self.train_step, "inference": self.inference}

@@ -84,6 +84,10 @@ class Workload:
     def warmup(self) -> None:
         pass
 
+    def compile_census(self) -> dict:
+        """What a compiling workload reports after its warm-up (bench.suite.Compiles)."""
+        return {"compiled_graphs": count(2.0, "1")} if self.settings.behaviour == "census" else {}
+
     def timed_round(self, kept: int, discarded: int) -> dict[str, list[float]]:
         return sampling.keep_last(self._call, kept, discarded)
 

@@ -77,3 +77,25 @@ def test_compiling_settles_after_the_window_fills():
     assert early == late
     graphs, breaks, given_up = late
     assert graphs <= 8 and breaks <= 4 and given_up == 0, late
+
+
+def test_the_compile_census_counts_graphs_breaks_frames_and_recompiles():
+    from torch import nn
+
+    from bench.compile_census import METRICS, CompileCensus
+
+    def census(net):
+        torch._dynamo.reset()
+        with CompileCensus() as counted:
+            net.compile(backend="eager")
+            train(net, batches(6))
+        metrics = counted.metrics()
+        assert set(metrics) == set(METRICS) and {m.kind for m in metrics.values()} == {"count"}
+        return {name: m.value for name, m in metrics.items()}
+
+    bn = census(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3),
+                              nn.BatchNorm2d(5)))
+    assert bn == {"compiled_graphs": 1, "graph_breaks": 0, "compiled_frames": 1, "recompiles": 0}
+    cbn_net = census(conv_cbn_net(window=3))
+    # each CBN training call breaks the graph once; the resumed frames compile again per layer shape
+    assert cbn_net["graph_breaks"] >= 2 and cbn_net["compiled_graphs"] > 2 and cbn_net["recompiles"] >= 1

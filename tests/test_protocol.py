@@ -12,7 +12,7 @@ from bench import protocol
     protocol.Measure(), protocol.Warmup(True), protocol.Round(3, 1, False),
     protocol.Profile(["train"], 2, False, "/tmp/x"), protocol.Exit(), protocol.Ready(),
     protocol.Measured({"flops": {"value": 1.0, "kind": "count", "unit": "flop"}}, ["a note"], "ok", None, {}, {}),
-    protocol.Warmed(), protocol.Timed({"t": [0.1, 0.2]}, {"t": [[0.1], [0.2]]}),
+    protocol.Warmed(), protocol.Warmed({"graph_breaks": {"value": 3.0, "kind": "count", "unit": "1"}}), protocol.Timed({"t": [0.1, 0.2]}, {"t": [[0.1], [0.2]]}),
     protocol.Profiled({"train": {"groups_ms": {}}}), protocol.Failed("ValueError: bad", "Traceback ..."),
 ])
 def test_every_message_survives_the_codec(message):
@@ -24,10 +24,10 @@ def test_every_message_survives_the_codec(message):
 @pytest.mark.parametrize("line, message", [
     ("not json", "not a protocol line"),
     ('{"command": "measure"}', "not a protocol message"),
-    ('{"type": "Measure", "protocol": 0}', "protocol version 0, this side speaks 2: runner and worker come from "
-                                             "different versions"),
-    ('{"type": "Round", "protocol": 2, "kept": 1, "speed": 2}', "Round has no field speed"),
-    ('{"type": "Round", "protocol": 2, "kept": "1"}', r"Round.kept: expected int, got '1'"),
+    ('{"type": "Measure", "protocol": 0}', f"protocol version 0, this side speaks {protocol.PROTOCOL_VERSION}: runner "
+                                             "and worker come from different versions"),
+    (f'{{"type": "Round", "protocol": {protocol.PROTOCOL_VERSION}, "kept": 1, "speed": 2}}', "Round has no field speed"),
+    (f'{{"type": "Round", "protocol": {protocol.PROTOCOL_VERSION}, "kept": "1"}}', r"Round.kept: expected int, got '1'"),
 ])
 def test_a_line_of_another_protocol_is_refused_by_name(line, message):
     with pytest.raises(protocol.ProtocolError, match=message):

@@ -27,7 +27,8 @@ def _importable_fake_suite(monkeypatch):
 
 
 def test_cases_of_a_group_are_timed_interleaved(tmp_path):
-    results, interrupted = run_cases([case("A", tmp_path), case("B", tmp_path), case("C", tmp_path)], MODULES, "cpu")
+    cases = [case("A", tmp_path), case("B", tmp_path), case("C", tmp_path, behaviour="census")]
+    results, interrupted = run_cases(cases, MODULES, "cpu")
     assert not interrupted
     assert [r.status for r in results] == ["ok", "ok", "ok"]
     # interleaved, and the order rotates: no case always runs first in a round
@@ -39,6 +40,8 @@ def test_cases_of_a_group_are_timed_interleaved(tmp_path):
     assert {"n", "q1", "q3", "ci_low", "ci_high"} <= work.summary.keys()
     assert a.metrics["answer_flops"] == count(42.0, "flop") and a.notes == ["measured"]
     assert a.sampling == {"kept_per_round": 1, "discarded_per_round": 0, "order": "rotating", "cuda_cache": "not applicable"}
+    # a compiling workload's census after its warm-up joins its metrics (bench.suite.Compiles)
+    assert results[2].metrics["compiled_graphs"] == count(2.0, "1") and "compiled_graphs" not in a.metrics
 
 
 def test_each_group_reaches_the_journal_hook_as_soon_as_it_is_done(tmp_path):

@@ -213,3 +213,6 @@ def test_table6_warms_up_and_times_compiled_at_smoke_size(quick_compile):
     compiled = [m for m in workload.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert compiled == [workload.model.backbone, heads.box_head, heads.mask_head]
     assert timed["train_step_time"] > 0 and timed["inference_time"] > 0
+    census = {name: m.value for name, m in workload.compile_census().items()}
+    assert census["graph_breaks"] >= 1 and census["compiled_graphs"] > census["graph_breaks"]  # CBN breaks the graph
+    assert table6_workload({}).compile_census() == {}  # eager: nothing to count
