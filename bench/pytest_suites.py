@@ -43,14 +43,14 @@ CUDA_TIMING_OPTIONS = ("--benchmark-timer=bench.cuda_clock.now", "--benchmark-mi
 
 @dataclass(frozen=True)
 class BenchmarkSettings:
-    """What a benchmark records of itself in its extra_info: its group (the op timed), its norm,
-    whether it is its group's reference, the input's shape and what it times."""
+    """What a benchmark records of itself in its extra_info that decides what it measures: its
+    group (the op timed), its norm, whether it is its group's reference and the input's shape.
+    (What it times, ``extra_info["subject"]``, is a description: the case's note, for captions.)"""
 
     group: str
     norm: str
     reference: bool = False
     shape_nchw: tuple[int, ...] | None = None
-    subject: str = ""
 
 
 def registry() -> dict[str, Path]:
@@ -122,11 +122,12 @@ def _case(benchmark: dict, mode: Mode) -> CaseResult:
     summary = {"n": len(samples), "median": median, "q1": q1, "q3": q3, "min": min(samples)}
     extra = benchmark["extra_info"]
     settings = BenchmarkSettings(benchmark["group"], extra["norm"], bool(extra.get("reference")),
-                                 tuple(extra["shape_nchw"]) if extra.get("shape_nchw") else None, extra.get("subject", ""))
+                                 tuple(extra["shape_nchw"]) if extra.get("shape_nchw") else None)
     metrics = {"time": Metric(median, "timing", "s", samples, summary)}
     metrics.update({name: count(extra[name], "1") for name in COUNTED if name in extra})
+    subject = [extra["subject"]] if extra.get("subject") else []
     return CaseResult("micro", f"{settings.group}/{settings.norm}", codec.encode(settings), "ok", metrics=metrics,
-                      mode=mode)
+                      notes=subject, mode=mode)
 
 
 def _settings(case: CaseResult) -> BenchmarkSettings:
@@ -175,7 +176,7 @@ def table(run: RunResult, path: str = "") -> Table:
         rows.append(row)
     columns = ["norm"] + [f"{g} {what}" for g in groups for what in ("min ms", "x ref (min)", "x ref (median [95% CI])")]
     reference = ", ".join(sorted({settings[c.case].norm for c in references.values()})) or "none"
-    subjects = ", ".join(sorted({s.subject for s in settings.values() if s.subject})) or "subject not recorded"
+    subjects = ", ".join(sorted({note for c in run.cases for note in c.notes})) or "subject not recorded"
     caption = [f"{subjects}; reference {reference}; the gate reads the ratios of minimum times",
                f"device {run.environment.device_name}, profile {run.profile}" + (f"; file {path}" if path else "")]
     mode = (run.cases[0].mode if run.cases else None) or Mode()

@@ -168,6 +168,22 @@ def test_unlike_comparisons_are_refused_with_exit_2(tmp_path, capsys, edit, mess
     assert " ".join(message.format(b=BASELINE, c=current).split()) in out
 
 
+def test_micro_files_compare_on_what_decides_the_measurement_not_on_descriptions(tmp_path, capsys):
+    def described(d):  # the baseline predates extra_info["subject"]; a run today records it
+        for bench in d["benchmarks"]:
+            bench["extra_info"]["subject"] = "conv 3x3 + norm, training mode"
+
+    code, out = run_gate(capsys, BASELINE, edited(tmp_path, MICRO_BASELINE, described, "micro-now.json"))
+    assert code == 0, out
+
+    def reshaped(d):
+        for bench in d["benchmarks"]:
+            bench["extra_info"]["shape_nchw"] = [4, 64, 32, 48]
+
+    code, out = run_gate(capsys, BASELINE, edited(tmp_path, MICRO_BASELINE, reshaped, "micro-other.json"))
+    assert code == 2 and "micro in the baseline" in out and "was measured with other settings" in out
+
+
 def test_files_written_in_different_schema_versions_are_not_compared():
     baseline = sources.load_source(BASELINE)
     newer = dataclasses.replace(baseline, path="newer.json", schema="cbn-bench/results v8")
