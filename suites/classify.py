@@ -154,13 +154,14 @@ def tables(run: RunResult) -> list[Table]:
     out = []
     settings = {c.case: settings_of(Settings, c) for c in cases_here}
     for model in dict.fromkeys(s.model for s in settings.values()):
-        rows = [_row(c, settings[c.case], derived) for c in cases_here if settings[c.case].model == model]
-        first = cases_here[0]
+        here = [c for c in cases_here if settings[c.case].model == model]
+        rows = [_row(c, settings[c.case], derived) for c in here]
+        first = here[0]
         p = settings[first.case].profile
         title = (f"Classification, profile {run.profile}: {_model_label(model)}, every BN replaced, "
                  f"{p.images_per_device} x {p.image_px}x{p.image_px} images, {(first.mode or training_modes.Mode()).label}, "
                  f"on {run.environment.device_name}{first.processes.label}")
-        out.append(Table(title, ["norm", *ratios.COLUMNS], rows, _caption(run, model, derived)))
+        out.append(Table(title, ["norm", *ratios.COLUMNS], rows, _caption(run, here, settings, derived)))
     return out
 
 
@@ -179,8 +180,9 @@ def _norm_label(norm: str) -> str:
     return NORMS[norm][2] if norm in NORMS else norm
 
 
-def _caption(run: RunResult, model: str, derived: dict[FigureId, Derived]) -> list[str]:
-    cases_here = [c for c in run.cases_of(NAME) if settings_of(Settings, c).model == model]
+def _caption(run: RunResult, cases_here: list[CaseResult], settings: dict[str, Settings],
+             derived: dict[FigureId, Derived]) -> list[str]:
+    model = settings[cases_here[0].case].model
     lines = [
         "memory: " + ("torch.cuda.max_memory_allocated over one training step" if run.device == "cuda" else
                       "counted bytes a training step holds: parameters, gradients, SGD momentum, tensors saved "
@@ -194,8 +196,8 @@ def _caption(run: RunResult, model: str, derived: dict[FigureId, Derived]) -> li
         *processes_caption(cases_here[0].processes),
     ]
     lines += ratios.control_caption(NAME, f"{model}/", derived, run.device)
-    lines += ratios.census_lines(cases_here, lambda c: _norm_label(settings_of(Settings, c).norm))
-    lines += ratios.missing_lines(cases_here, lambda c: _norm_label(settings_of(Settings, c).norm))
+    lines += ratios.census_lines(cases_here, lambda c: _norm_label(settings[c.case].norm))
+    lines += ratios.missing_lines(cases_here, lambda c: _norm_label(settings[c.case].norm))
     check = derived.get(ratios.step_time_over_flops_id(NAME, f"{model}/cbn"))
     if check is not None:
         target = CLASSIFY_STEP_TIME_OVER_FLOPS_TARGET["cpu" if run.device == "cpu" else "cuda"]
