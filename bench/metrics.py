@@ -99,7 +99,7 @@ class Collected:
         """measure() returns a dict of some of names -> Metric; on an exception every name is missing."""
         try:
             self.metrics.update(measure())
-        except Exception as err:  # noqa: BLE001: any failure of one metric is that metric's, recorded
+        except Exception as err:  # noqa: BLE001 (any failure of one metric is that metric's, recorded)
             first_line = next(iter(str(err).splitlines()), "")
             for name in names:
                 self.missing[name] = f"{type(err).__name__}: {first_line}"
