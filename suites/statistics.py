@@ -115,6 +115,17 @@ def _settings(case: CaseResult) -> Settings:
     return settings_of(Settings, case)
 
 
+def _head(case: CaseResult) -> list[str]:
+    """A case's first table cells: regime, learning rate, window."""
+    s = _settings(case)
+    return [s.regime, f"{s.lr:g}", str(s.window)]
+
+
+def _k_and_lr(case: CaseResult) -> str:
+    s = _settings(case)
+    return f"k={s.window}, lr={s.lr:g}"
+
+
 # ---------------------------------------------------------------------- models
 class FPNClassifier(nn.Module):
     """torchvision's ResNet-50-FPN backbone (BatchNorm2d in the ResNet, none in the FPN) with a
@@ -385,7 +396,7 @@ def _error_table(run: RunResult, where: str) -> Table:
     derived = run.derived_of(NAME)
     rows = []
     for case in run.cases_of(NAME):
-        head = [_settings(case).regime, f"{_settings(case).lr:g}", str(_settings(case).window)]
+        head = _head(case)
         if case.status != "ok":
             rows.append(head + [case.status, (case.error or "")[:60]] + [""] * 11)
             continue
@@ -439,8 +450,7 @@ def _noise_verdict(case: CaseResult, derived: dict[FigureId, Derived]) -> str:
 
 def _truncation_table(run: RunResult, where: str) -> Table:
     keys = ("mu r=1", "nu r=1", "mu r=2", "nu r=2")
-    rows = [[_settings(c).regime, f"{_settings(c).lr:g}", str(_settings(c).window)]
-            + [_fmt(_value(c, f"truncation {k}")) for k in keys] for c in _ok(run)]
+    rows = [_head(c) + [_fmt(_value(c, f"truncation {k}")) for k in keys] for c in _ok(run)]
     rows.append(["paper", "", "", *(_fmt(PAPER_TRUNCATION.get(k)) for k in keys)])
     caption = ["||d s^l / d theta^(l-r)||_F / ||d s^l / d theta^l||_F, s = mu or nu = E[x^2] of norm layer l's input, "
                "theta^l the conv that feeds it, r layers back in execution order (pairs where that conv does not feed "
@@ -458,8 +468,7 @@ def _layer_table(run: RunResult, where: str) -> list[Table]:
         rows = [[layer] + [_fmt(_value(case, f"{v}.{s} error.layer {layer}")) for v in ESTIMATORS for s in ("mean", "var")]
                 + [_percent(_value(case, f"cbn.negative variance rate.layer {layer}"))] for layer in layers]
         columns = ["layer"] + [f"{LABELS[v]} {s} err" for v in ESTIMATORS for s in ("mu", "var")] + ["CBN neg. var."]
-        title = (f"Estimation error per layer, {regime}, k={_settings(case).window}, lr={_settings(case).lr:g}, "
-                 f"profile {run.profile}: {where}")
+        title = f"Estimation error per layer, {regime}, {_k_and_lr(case)}, profile {run.profile}: {where}"
         tables_out.append(Table(title, columns, rows, ["averaged over the measured steps and the seeds"]))
     return tables_out
 
@@ -514,7 +523,7 @@ def figures(run: RunResult, stem: Path) -> list[Path]:
                 points = _by_step(case, f"{v}.{stat} error.step ")
                 ax.plot([s for s, _ in points], [e for _, e in points], marker="o", label=LABELS[v])
         _finish_axes(axes[:2], "training step", by_step, f"Statistics error against training step, {regime}, "
-                                                         f"k={_settings(case).window}, lr={_settings(case).lr:g} ({run.profile})")
+                                                         f"{_k_and_lr(case)} ({run.profile})")
         points = _by_step(case, "cbn.negative variance rate.step ")
         axes[2].plot([s for s, _ in points], [r for _, r in points], marker="o", color="tab:red")
         axes[2].set_xlabel("training step")
