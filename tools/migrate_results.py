@@ -261,10 +261,10 @@ def check(path: Path) -> None:
 
 def migrate(path: Path) -> bool:
     """Rewrite path in schema 7 if it is an older results file; whether it was rewritten."""
-    data = json.loads(path.read_text())
+    original = path.read_text()
+    data = json.loads(original)
     if not results.is_results_file(data) or data.get("schema_version", 0) >= 7:
         return False
-    original = path.read_text()
     write_atomic(path, json.dumps(upgrade(data), indent=1, allow_nan=True))
     try:
         check(path)
