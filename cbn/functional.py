@@ -50,14 +50,16 @@ def combine(mean: Tensor, var: Tensor, past: tuple[Tensor, Tensor, Tensor] | Non
 
 
 def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of x (N, C, H, W). On CUDA BatchNorm's own one-pass
-    kernel; on a CPU two passes of plain reductions (below); under torch.compile, which has no fake
-    kernel for BatchNorm's, var_mean, which inductor fuses."""
+    """Per-channel mean and biased variance of x (N, C, H, W). On a CPU two passes of plain
+    reductions (below), compiled or not, so that a compiled step computes what the eager one does
+    (CBN's compensation can amplify a rounding difference into a different training run); on CUDA
+    BatchNorm's own one-pass kernel, or, under torch.compile, which has no fake kernel for it,
+    var_mean, which inductor fuses."""
+    if x.device.type == "cpu":
+        return _two_pass_statistics(x)
     if torch.compiler.is_compiling():
         var, mean = torch.var_mean(x, dim=REDUCE_DIMS, correction=0)
         return mean, var
-    if x.device.type == "cpu":
-        return _two_pass_statistics(x)
     return torch.batch_norm_update_stats(x, None, None, 0.0)
 
 
@@ -88,6 +90,13 @@ def constant(value: float | Tensor, dtype: torch.dtype) -> Tensor:
     synchronization (torch.where is the exception: it copies it to the device). (Under jit tracing,
     which fvcore uses, a value computed from shapes is a traced tensor: kept as it is.)"""
     return value if isinstance(value, Tensor) else cached(_constant, float(value), dtype)
+
+
+def operand(value: float, like: Tensor) -> Tensor:
+    """value as a 0-dim tensor of like's dtype that torch.where can take beside like: constant()
+    on a CPU; elsewhere a tensor on like's device, since torch.where copies a CPU scalar tensor
+    to the device with a host sync."""
+    return constant(value, like.dtype) if like.device.type == "cpu" else like.new_full((), value)
 
 
 @functools.lru_cache(maxsize=256)  # bounded: a multi-scale detector sees many position counts

@@ -12,11 +12,9 @@ from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
-from cbn.functional import CrossIterationNorm, constant, stats_dtype, to_dtype
-from cbn.statgrad import GRAD_PATHS, ConvGeometry
-
-_UNSET = object()  # the current iteration's compensated window has not been computed yet
-
+from cbn import clock, history
+from cbn.functional import CrossIterationNorm, constant, operand, stats_dtype, to_dtype
+from cbn.statgrad import GRAD_PATHS, ConvGeometry, GradPath
 
 PROFILER_LABELS = ("cbn::compensate_window", "cbn::normalize", "cbn::record_history", "cbn::statistic_gradients",
                    "cbn::running_stats")
@@ -24,8 +22,12 @@ PROFILER_LABELS = ("cbn::compensate_window", "cbn::normalize", "cbn::record_hist
 
 def profiled(label: str):
     """A torch.profiler range named label while a profiler records (so reports can group CBN's own
-    work, PROFILER_LABELS), and nothing at all otherwise: no dispatcher call in ordinary training."""
-    return record_function(label) if torch.autograd.profiler._is_profiler_enabled else nullcontext()
+    work, PROFILER_LABELS), and nothing at all otherwise: no dispatcher call in ordinary training.
+    Nothing under torch.compile either, which drops such ranges: reading the profiler's state there
+    would make a compiled step recompile whenever a profiler starts or stops."""
+    if torch.compiler.is_compiling() or not torch.autograd.profiler._is_profiler_enabled:
+        return nullcontext()
+    return record_function(label)
 
 
 class CrossIterationBatchNorm2d(nn.Module):
@@ -64,13 +66,16 @@ class CrossIterationBatchNorm2d(nn.Module):
       variance includes the spread of the means between iterations that a single small batch misses.
       Evaluation mode is then exactly BatchNorm2d's computation and cost.
 
-    What an iteration is: the window advances when the parameters that the layer depends on (the
-    bound conv's weight and bias, and its own gamma and beta) have been updated in place, which is
-    what every torch optimizer does; the layer watches their version counters. So gradient
-    checkpointing's recompute, a module called twice in one step, or a profiling pass between
-    optimizer steps see the same window and never push extra history. Only the first grad-enabled
-    training call of an iteration is recorded (calls under ``torch.no_grad()`` never are). A conv
-    that is never updated therefore never advances the window. Save checkpoints between iterations.
+    What an iteration is: the window advances once per update of the parameters the layer depends
+    on (the bound conv's weight and bias, its own gamma and beta): a step of any torch optimizer that
+    holds one of them, or, in eager mode, an in-place update by hand (their version counters
+    change); ``cbn.advance(model)`` says so where neither applies (cbn/clock.py). An optimizer step
+    that GradScaler skips is no iteration. Within an iteration, only the first grad-enabled training
+    call records its statistics (calls under ``torch.no_grad()`` never do), and every call uses the
+    window computed at the first: gradient checkpointing's recompute, a module called twice in one
+    step, or a profiling pass between optimizer steps see the same window and never push extra
+    history. A conv that is never updated therefore never advances the window. Save checkpoints
+    between iterations.
 
     When the compensation fails: nu = E[x^2] is a convex quadratic in the conv's weights (for input
     patches with second-moment matrix Sigma, nu_c(W) = W_c^T Sigma W_c), so its first-order Taylor
@@ -107,16 +112,14 @@ class CrossIterationBatchNorm2d(nn.Module):
     of rank 0's ``state_dict()`` holds rank 0's window only: ``cbn.gather_per_rank_state`` and
     ``cbn.load_per_rank_state`` save and give back every rank's (cbn/distributed.py).
 
-    Under torch.compile: evaluation mode compiles into the surrounding graph. A training call
-    breaks the graph once, at ``_begin_step``: telling iterations apart reads the parameters'
-    version counters and per-step Python state (iteration, slots), which dynamo would otherwise
-    guard on and recompile for at every step; that bookkeeping runs eagerly, everything else
-    (statistics, compensation, normalization, history writes) is compiled. The graphs settle once
-    the window is full (tested: 7 graphs, 3 breaks for a two-layer net, the same after 8 steps
-    as after 20). Each break splits the enclosing modules' frames, and dynamo compiles a shared
-    frame once per distinct layer shape: in a network with many distinct CBN layers (ResNet-18
-    has 20) some frames reach ``torch._dynamo.config.recompile_limit`` (8) and run eagerly,
-    correct but uncompiled; raise the limit to compile them all.
+    Under torch.compile a training step is one graph with no break (``fullgraph=True`` works):
+    nothing in the forward asks the host which iteration it is. The iteration is a counter on the
+    device that the clock advances outside the forward; which slot to write and which slots are in
+    the window are computed from it and from the slots' stamps on the device (cbn/history.py). What
+    the forward reads from Python are flags that change rarely: burn-in (ends once per run: one
+    recompile), and whether this iteration's window is computed and its record made (each the same
+    at every iteration's first call, so a training loop compiles once). The history is allocated
+    when the layer is built and bound, never inside a step.
 
     The layer must be bound to the nn.Conv2d whose output it normalizes (``bind`` or ``cbn.convert``)
     before it trains with compensation. It checks at run time that its input is that conv's output.
@@ -124,7 +127,9 @@ class CrossIterationBatchNorm2d(nn.Module):
 
     # 2: history_valid (one flag per slot) added; a version-1 state gets it from its slot iterations.
     # 3: history_offset_mean and history_offset_sq dropped (they equal mu and 2 nu; see _compensate).
-    _version = 3
+    # 4: the iteration and slot stamps are buffers (current_iteration, history_iteration), not extra state,
+    #    and a stamp says whether its slot is valid (history_valid dropped); cbn/history.py upgrades.
+    _version = 4
 
     # Parameters and buffers (register_parameter / register_buffer), declared for type checkers.
     weight: nn.Parameter | None
@@ -135,15 +140,21 @@ class CrossIterationBatchNorm2d(nn.Module):
     nonfinite_batches: Tensor
     compensated_entries: Tensor
     negative_variances: Tensor
-    # The history: None until the first record (or a loaded checkpoint); the path's fields
-    # (history_grad_mean, ...) are reached by name.
-    history_mean: Tensor | None
-    history_var: Tensor | None
-    history_valid: Tensor | None
-    # Per-step transients (_reset_transients)
+    current_iteration: Tensor  # the current training iteration, on the device (cbn/clock.py advances it)
+    # The history (cbn/history.py), window > 1 only; the path's fields (history_grad_mean, ...) are
+    # reached by name and exist once the layer is bound.
+    history_mean: Tensor
+    history_var: Tensor
+    history_iteration: Tensor
+    # Per-step transients and host-side iteration state (_reset_transients, _set_iteration_flags)
     _captured: tuple[Tensor, Tensor] | None
-    _last_clock: tuple[int, ...] | None
-    _window_cache: Any  # _UNSET, None or (means, variances, weights)
+    _window: tuple[Tensor, Tensor, Tensor] | None
+    _versions_seen: tuple[int, ...] | None
+    _host_iteration: int
+    _burning_in: bool
+    _ran: bool
+    _fresh: bool
+    _recorded: bool
 
     def __init__(
         self,
@@ -188,26 +199,30 @@ class CrossIterationBatchNorm2d(nn.Module):
         # the device so that no training step waits for the host. See check_finite().
         self.register_buffer("nonfinite_batches", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
         self._nonfinite_reported = 0
+        self._compiled_training = False  # a training forward ran under torch.compile ...
+        self._advanced_while_compiled = False  # ... and the clock advanced the layer since
         # Window entries (past iteration x channel) compensated, and those whose compensated
         # variance was negative (clamped or dropped by the rule), summed over iterations, on the device.
         for counter in ("compensated_entries", "negative_variances"):
             self.register_buffer(counter, torch.tensor(0, dtype=torch.long, device=device), persistent=False)
-        # History of past iterations, one slot per past step (window - 1 slots), allocated on first
-        # use; None buffers are neither saved nor loaded.
+        self.register_buffer("current_iteration", torch.tensor(0, dtype=torch.long, device=device))
+        # History of past iterations, one slot per past step (window - 1 slots); the path's fields
+        # are None (neither saved nor loaded) until bind gives them their shapes.
         for field in self._history_fields():
             self.register_buffer(field, None)
         self._conv: nn.Conv2d | None = None
         self._conv_name: str | None = None
         self._conv_hook: RemovableHandle | None = None
-        self._iteration = -1  # index of the current training iteration
-        self._slot_iterations = [-1] * (window - 1)  # iteration held by each history slot, -1 if empty
+        self._allocate_history(stats_dtype(dtype or torch.get_default_dtype()), device)
+        clock.register(self)
         self._reset_transients()
 
     # ------------------------------------------------------------------ binding
     def bind(self, conv: nn.Conv2d, name: str | None = None, conv_name: str | None = None) -> CrossIterationBatchNorm2d:
         """Use ``conv``'s weight (and bias) for the compensation; conv must feed this layer directly.
 
-        Binding starts a fresh history. ``name`` and ``conv_name`` only label error messages.
+        Binding starts a fresh history, allocated here from the conv's geometry, in the statistics'
+        dtype of the conv's weight on its device. ``name`` and ``conv_name`` only label error messages.
         """
         _check_bindable(conv, self.num_features, self._label())
         if self._conv_hook is not None:
@@ -219,7 +234,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         if name is not None:
             self.name = name
         self._conv_name = conv_name
-        self._reset_history()
+        self._allocate_history(stats_dtype(conv.weight.dtype), conv.weight.device)
         self._reset_transients()
         return self
 
@@ -233,67 +248,53 @@ class CrossIterationBatchNorm2d(nn.Module):
         if self.training and self.compensate and self.window > 1 and torch.is_grad_enabled():
             self._captured = (args[0], output)
 
+    def clocked_parameters(self) -> list[Tensor]:
+        """The parameters whose update starts a new iteration: gamma, beta, the conv's weight and bias."""
+        tensors: list[Tensor | None] = [self.weight, self.bias]
+        if self._conv is not None:
+            tensors += [self._conv.weight, self._conv.bias]
+        return [t for t in tensors if t is not None]
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        plain, fresh, slot, captured = self._begin_step(x)
-        if plain:
+        if self.compensate and self.window > 1:
+            self._require_conv()  # fail on the first training step, not after burn-in
+        if torch.compiler.is_compiling():
+            self._compiled_training = True  # for the warning at eval() if nothing advances the clock
+        else:
+            self._follow_parameter_versions()
+        self._ran = True
+        captured, self._captured = self._captured, None
+        if self.window == 1 or self._burning_in or x.numel() == 0:
             return self._batch_norm(x)
+        # Only the first grad-enabled call of an iteration records (a checkpoint's recompute or a
+        # second call must not push extra history); the flags are host state reset by the clock.
+        record = torch.is_grad_enabled() and not self._recorded
+        if record and self.compensate:
+            self._check_captured(x, captured)
         # The statistics, the history and the compensation run with autocast off: the compensation
         # subtracts nearly equal dot products, which bfloat16/float16 would cancel away.
         with torch.autocast(x.device.type, enabled=False):
-            if fresh:
+            self._check_history_dtype(x)
+            if self._fresh:  # the window is computed once per iteration, before anything is recorded
                 with profiled("cbn::compensate_window"):
-                    self._window_cache = self._past_window()
-            past = self._window_cache
+                    self._window = self._past_window()
+                self._fresh = False
+            assert self._window is not None  # computed at the iteration's first call
+            past_mean, past_var, past_weights = self._window
             with profiled("cbn::normalize"):
-                past_mean, past_var, past_weights = past if past is not None else (None, None, None)
                 out, mean, var, mean_bar, var_bar, count = CrossIterationNorm.apply(
                     x, self.weight, self.bias, past_mean, past_var, past_weights, self.eps)
-            if slot is not None:
+            if record:
                 with profiled("cbn::record_history"):
-                    self._record(slot, x, mean, var, captured)
+                    self._record(x, mean, var, captured)
+                self._recorded = True
             with profiled("cbn::running_stats"):
                 self._update_running_stats(mean_bar, var_bar, count)
         return out
-
-    @torch.compiler.disable
-    def _begin_step(self, x: Tensor) -> tuple[bool, bool, int | None, tuple | None]:
-        """The host-side bookkeeping of a training call, kept out of torch.compile's graphs (it reads
-        parameters' version counters and per-step Python state, which dynamo would guard on and
-        recompile for every step). Returns (plain, fresh, slot, captured):
-
-        * plain: no window can exist this iteration (window 1, burn-in, empty input): run BatchNorm.
-          The choice must not depend on whether this call records, or a checkpoint's recompute would
-          run different ops.
-        * fresh: this iteration's compensated window is still to be computed (first call of the
-          iteration); afterwards ``_window_cache`` holds it (None while no slot was ever filled).
-        * slot: the history slot this call records into, or None if it records nothing (dynamo
-          passes a changing int from a graph break on as a symbolic int: no recompile per slot).
-        * captured: the bound conv's (input, output) of this step, for the statistic gradients.
-        """
-        if self.compensate and self.window > 1:
-            self._require_conv()  # fail on the first training step, not after burn-in
-        captured, self._captured = self._captured, None
-        self._advance_iteration()
-        if self.window == 1 or self._iteration < self.burn_in or x.numel() == 0:
-            return True, False, None, None
-        fresh = self._window_cache is _UNSET
-        if fresh:
-            if self.history_mean is None:
-                self._window_cache, fresh = None, False
-            else:
-                self._drop_stale_slots()
-        if not self._should_record():
-            return False, fresh, None, None
-        if self.compensate:
-            self._check_captured(x, captured)
-        slot = self._iteration % (self.window - 1)
-        self._allocate_history(x)
-        self._slot_iterations[slot] = self._iteration
-        return False, fresh, slot, captured
 
     def _batch_norm(self, x: Tensor) -> Tensor:
         """Window 1: BatchNorm2d itself (same kernel, same running-statistics update)."""
@@ -315,72 +316,68 @@ class CrossIterationBatchNorm2d(nn.Module):
         for running, new in ((self.running_mean, mean), (self.running_var, unbiased)):
             running.lerp_(to_dtype(torch.where(finite, new, running), running.dtype), momentum)
 
-    # ------------------------------------------------------------------ iterations and history
-    def _clock(self) -> tuple[int, ...]:
-        tensors: list[Tensor | None] = [self.weight, self.bias]
-        if self._conv is not None:
-            tensors += [self._conv.weight, self._conv.bias]
-        versions = tuple(t._version for t in tensors if t is not None)
+    # ------------------------------------------------------------------ iterations
+    def ran_this_iteration(self) -> bool:
+        """Whether a training forward ran since the iteration began: an update before any forward
+        (a second optimizer over the same layer, a manual change after the step) is no new iteration."""
+        return self._ran
+
+    def start_next_iteration(self) -> None:
+        """The host side of a new iteration (cbn/clock.py advances ``current_iteration`` on the device)."""
+        self._host_iteration += 1
+        self._advanced_while_compiled = self._compiled_training
+        self._set_iteration_flags()
+        self._versions_seen = self._parameter_versions()
+
+    def _set_iteration_flags(self) -> None:
+        # Read by the forward; each flips at most once per iteration, and _burning_in once per run
+        # (a compiled step recompiles for it once).
+        self._burning_in = self._host_iteration < self.burn_in
+        self._ran = False  # a training forward ran in this iteration
+        self._fresh = True
+        self._recorded = False
+
+    def _parameter_versions(self) -> tuple[int, ...]:
+        return tuple(t._version for t in self.clocked_parameters())
+
+    def _follow_parameter_versions(self) -> None:
+        """Eager only: parameters updated in place since the last iteration began, without an optimizer
+        step (which advances the clock itself), start a new iteration."""
+        versions = self._parameter_versions()
         if not versions:
             raise RuntimeError(
                 f"{self._label()}: cannot tell training iterations apart: it has no affine parameters "
                 "and no bound conv. Bind it to the conv that feeds it (layer.bind(conv) or cbn.convert(model))."
             )
-        return versions
+        if versions != self._versions_seen:
+            if self._versions_seen is not None:
+                clock.advance_layers([self])  # a no-op unless a forward ran since the last advance
+            self._versions_seen = versions
 
-    def _advance_iteration(self) -> None:
-        clock = self._clock()
-        if clock != self._last_clock:
-            self._last_clock = clock
-            self._iteration += 1
-            self._window_cache = _UNSET
-
-    def _should_record(self) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        return self._slot_iterations[self._iteration % (self.window - 1)] != self._iteration
-
-    def _past_slots(self) -> list[int]:
-        """Slots holding the iterations t-k+1 .. t-1 (older or unfilled slots are skipped)."""
-        t = self._iteration
-        return [s for s, it in enumerate(self._slot_iterations) if it >= 0 and t - self.window < it < t]
-
-    def _drop_stale_slots(self) -> None:
-        """Empty the slots that left the window (after an iteration that recorded nothing), so that
-        every filled slot is in the window and the window is always all slots, weighed by validity."""
-        keep = self._past_slots()
-        assert self.history_valid is not None  # called once a slot was filled
-        for s, it in enumerate(self._slot_iterations):
-            if it >= 0 and s not in keep:
-                self.history_valid[s].fill_(False)
-                self._slot_iterations[s] = -1
-
+    # ------------------------------------------------------------------ the window and the history
     @torch.no_grad()
     def _past_window(self) -> tuple[Tensor, Tensor, Tensor]:
         """This iteration's compensated past (mean, var) for every slot and channel, (k-1, C) each,
-        and their weights, (k-1, C): 1 for an entry in the window, 0 for an empty slot, a non-finite
-        record or (rule "drop") a negative compensated variance; a weight-0 entry's mean and var
-        are 0. Computed once per iteration, for all slots at once: no per-slot ops."""
-        mean, var, valid = self.history_mean, self.history_var, self.history_valid
-        assert mean is not None and var is not None and valid is not None  # called once a slot was filled
-        keep = valid.unsqueeze(1)
+        and their weights, (k-1, C): 1 for an entry in the window, 0 for a slot outside it (empty,
+        older than t-k+1, a non-finite record) or (rule "drop") a negative compensated variance; a
+        weight-0 entry's mean and var are 0. Computed for all slots at once, on the device."""
+        mean, var = self.history_mean, self.history_var
+        keep = history.in_window(self.current_iteration, self.history_iteration, self.window)  # (k-1, 1)
         if self.compensate:
             mean, var = self._compensate(mean, var)
             # Finite records can still compensate to inf or nan (a gradient field that overflowed,
             # a huge weight change): such a slot drops out of this window too.
-            keep = keep & _finite((mean + var).sum(1, keepdim=True))
-            negative = torch.lt(var, constant(0.0, var.dtype)).logical_and_(keep)
+            keep = torch.bitwise_and(keep, _finite((mean + var).sum(1, keepdim=True)))  # one dispatch, & two
+            negative = torch.bitwise_and(torch.lt(var, constant(0.0, var.dtype)), keep)
             # count_nonzero: two dispatches, where a bool sum converts to long first (seven).
             self.compensated_entries.add_(keep.count_nonzero(), alpha=mean.shape[1])
             self.negative_variances.add_(negative.count_nonzero())
             if self.negative_variance == "drop":
                 keep = keep & ~negative
             var = var.clamp_min(0.0)  # Eq. 10's max(nu, mu^2); a dropped entry's is zeroed below
-        keep = keep.expand_as(mean)
-        # A fresh tensor: the cache must not see a later record in this iteration.
-        weights = keep.to(mean.dtype)
-        # torch.where copies a CPU scalar tensor to another device, with a host sync: off CPU, a device zero.
-        zero = constant(0.0, mean.dtype) if mean.device.type == "cpu" else mean.new_zeros(())
+        # (k-1, 1) weights, one per slot, broadcast over the channels; (k-1, C) with rule "drop".
+        zero = operand(0.0, mean)
+        weights = torch.where(keep, operand(1.0, mean), zero)  # two dispatches, a cast four
         return torch.where(keep, mean, zero), torch.where(keep, var, zero), weights
 
     def _compensate(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
@@ -391,10 +388,8 @@ class CrossIterationBatchNorm2d(nn.Module):
         1 and 2 in the conv's (weight, bias), so by Euler's theorem L_mu(theta_past) = mu_past and
         L_nu(theta_past) = 2 nu_past. Hence mu_now = L_mu(theta_t), exact since mu is linear, and
         nu_now = nu_past + L_nu(theta_t) - 2 nu_past = L_nu(theta_t) - nu_past."""
-        path = GRAD_PATHS[self.grad_path]
-        fields = {f: getattr(self, "history_" + f) for f in path.field_shapes(self._geometry())}
         weight, bias = self._current_conv_params(mean.dtype)
-        mean_now, lin_sq = path.linear(fields, weight, bias, mean)
+        mean_now, lin_sq = self._path.linear(self._path_fields(), weight, bias, mean)
         # nu_now = L_nu(theta_t) - nu_past, nu_past = var + mu^2, built in a fresh (S, C) tensor laid
         # out like the history (lin_sq is a transposed view: results shaped by it vary in layout with S).
         nu_now = torch.addcmul(var, mean, mean).neg_().add_(lin_sq)
@@ -411,20 +406,24 @@ class CrossIterationBatchNorm2d(nn.Module):
         return to_dtype(conv.weight, dtype).contiguous(), bias
 
     @torch.no_grad()
-    def _record(self, slot: int, x: Tensor, mean: Tensor, var: Tensor, captured: tuple[Tensor, Tensor] | None) -> None:
+    def _record(self, x: Tensor, mean: Tensor, var: Tensor, captured: tuple[Tensor, Tensor] | None) -> None:
         """Store this iteration's statistics (and what compensating them later needs) in its slot.
 
-        The entry's validity is decided on the device: a non-finite entry is stored with weight 0,
-        so it never enters a window, and counted in ``nonfinite_batches``; no host sync."""
+        The entry's validity is decided on the device: a non-finite entry is stamped EMPTY, so it
+        never enters a window, and counted in ``nonfinite_batches``; no host sync."""
+        # Eager, the host knows the iteration, and writes go through views of the slot; compiled,
+        # the slot is computed on the device, so that the graph is the same at every iteration.
+        slot: int | Tensor = (self.current_iteration.remainder(self.window - 1).view(1) if torch.compiler.is_compiling()
+                              else self._host_iteration % (self.window - 1))
         if self.compensate:
             with profiled("cbn::statistic_gradients"):
                 self._statistic_gradients(x, mean, captured, slot)
         total = torch.cat((mean, var)).sum()  # not finite exactly when the statistics are not (barring overflow)
-        finite = _finite(total)
-        for field, value in (("mean", mean), ("var", var), ("valid", finite)):
-            getattr(self, "history_" + field)[slot].copy_(value)
+        bad = _nonfinite(total)
+        for field, value in (("mean", mean), ("var", var), (history.STAMP, history.stamp(self.current_iteration, bad))):
+            history.write(getattr(self, "history_" + field), slot, value)
         count = self.nonfinite_batches
-        count.copy_(torch.where(finite, count, count + 1))
+        count.copy_(torch.where(bad, count + 1, count))  # count.add_(bad) would cast bad first: four dispatches more
 
     def _check_captured(self, x: Tensor, captured: tuple | None) -> None:
         if captured is None or captured[1] is not x:
@@ -435,158 +434,186 @@ class CrossIterationBatchNorm2d(nn.Module):
                 "(cbn.convert(model) pairs them), or use compensate=False."
             )
 
-    def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple[Tensor, Tensor] | None, slot: int) -> None:
-        """This step's statistic gradients, written straight into history slot ``slot``."""
-        assert captured is not None  # _begin_step checked it for every compensating record
+    def _statistic_gradients(self, x: Tensor, mean: Tensor, captured: tuple[Tensor, Tensor] | None,
+                             slot: int | Tensor) -> None:
+        """This step's statistic gradients, written into history slot ``slot`` (straight into its
+        views when the slot is an int)."""
+        assert captured is not None  # forward checked it for every compensating record
         dtype = mean.dtype  # float32, or float64 for float64 inputs
         weight, bias = self._current_conv_params(dtype)
-        path = GRAD_PATHS[self.grad_path]
-        geometry = self._geometry()
-        out = {f: getattr(self, "history_" + f)[slot] for f in path.field_shapes(geometry)}
-        path.compute(to_dtype(captured[0], dtype), to_dtype(x, dtype), weight, bias, geometry, out=out)
+        fields = self._path_fields()
+        out = {name: buffer[slot] for name, buffer in fields.items()} if isinstance(slot, int) else None
+        values = self._path.compute(to_dtype(captured[0], dtype), to_dtype(x, dtype), weight, bias, self._geometry(),
+                                    out=out)
+        if out is None:
+            for name, value in values.items():
+                history.write(fields[name], slot, value)
 
-    def _allocate_history(self, x: Tensor) -> None:
-        """The history buffers, (k-1, *field shape) each, as zeros (empty, weight 0), made on the
-        first record (from a checkpoint, the buffers exist already)."""
-        if self.history_mean is None:
-            dtype = stats_dtype(x.dtype)
-            shapes = {"mean": (self.num_features,), "var": (self.num_features,), "valid": ()}
-            if self.compensate:
-                shapes.update(GRAD_PATHS[self.grad_path].field_shapes(self._geometry()))
-            for field, shape in shapes.items():
-                kind = torch.bool if field == "valid" else dtype
-                setattr(self, "history_" + field, torch.zeros((self.window - 1, *shape), dtype=kind, device=x.device))
+    @property
+    def _path(self) -> GradPath:
+        return GRAD_PATHS[self.grad_path]
+
+    def _path_fields(self) -> dict[str, Tensor]:
+        return {name: getattr(self, "history_" + name) for name in self._path.field_shapes(self._geometry())}
+
+    def _allocate_history(self, dtype: torch.dtype, device: Any) -> None:
+        """A fresh history (every slot empty): statistics and stamps, and the path's fields once bound."""
+        if self.window == 1:
+            return
+        path_shapes = self._path.field_shapes(self._geometry()) if self._compensates_with_conv() else {}
+        for field in self._path_field_names():  # a rebinding may need other fields (a conv with a bias)
+            setattr(self, "history_" + field, None)
+        buffers = history.empty(history.shapes(self.window, self.num_features, path_shapes), dtype, device)
+        for field, tensor in buffers.items():
+            setattr(self, "history_" + field, tensor)
+
+    def _compensates_with_conv(self) -> bool:
+        return self.compensate and self.window > 1 and self._conv is not None
+
+    def _path_field_names(self) -> list[str]:
+        return [f.name for f in self._path.fields] if self.compensate and self.window > 1 else []
 
     def _history_fields(self) -> list[str]:
-        names = ["history_mean", "history_var", "history_valid"]
-        if self.compensate and self.window > 1:
-            names += ["history_" + f for f in _all_path_fields(self.grad_path)]
-        return names
+        if self.window == 1:  # BatchNorm2d: no history
+            return []
+        return ["history_" + f for f in ("mean", "var", history.STAMP, *self._path_field_names())]
+
+    def _check_history_dtype(self, x: Tensor) -> None:
+        wanted = stats_dtype(x.dtype)
+        if self.history_mean.dtype != wanted:
+            raise TypeError(
+                f"{self._label()}: keeps its statistics in {wanted} for {x.dtype} inputs, but its history is "
+                f"{self.history_mean.dtype} (the model was converted after the layer was built or bound, e.g. by "
+                ".half() or .double()). Keep the model in float32 and train under autocast, or bind the layer "
+                "again after converting it (cbn.convert(model) does)."
+            )
 
     def per_rank_buffers(self) -> list[str]:
         """Buffers that belong to this process under data parallelism: the history (this device's
-        past statistics, as in the paper) and the non-finite batch count (cbn.keep_statistics_per_rank)."""
-        return [*self._history_fields(), "nonfinite_batches", "compensated_entries", "negative_variances"]
+        past statistics, as in the paper), the iteration and the counts (cbn.keep_statistics_per_rank)."""
+        return [*self._history_fields(), "current_iteration", "nonfinite_batches", "compensated_entries", "negative_variances"]
 
     def history_bytes(self) -> int:
         """Bytes this layer holds for past iterations (history buffers and this step's window)."""
         total = sum(b.numel() * b.element_size() for b in self._history_tensors())
-        if isinstance(self._window_cache, tuple):
-            total += sum(t.numel() * t.element_size() for t in self._window_cache)
+        if self._window is not None:
+            total += sum(t.numel() * t.element_size() for t in self._window)
         return total
 
     def _history_tensors(self) -> list[Tensor]:
-        return [getattr(self, n) for n in self._history_fields() if getattr(self, n) is not None]
+        return [getattr(self, n) for n in self._history_fields() if getattr(self, n, None) is not None]
 
     @property
     def past_statistics(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """The past iterations' statistics as the last training forward used them: (means,
         variances, weights), (k-1, C) each, compensated to that iteration's weights (raw for Naive
-        CBN); an entry outside the window has weight 0, mean 0 and variance 0. None
-        while no window exists. ``cbn.functional.combine(mean, var, past)`` with the batch's own
-        statistics gives the window statistics the layer normalized with (Eq. 9-11)."""
-        return self._window_cache if isinstance(self._window_cache, tuple) else None
+        CBN); an entry outside the window has weight 0, mean 0 and variance 0. None before the
+        first training forward with a window. ``cbn.functional.combine(mean, var, past)`` with the
+        batch's own statistics gives the window statistics the layer normalized with (Eq. 9-11)."""
+        if self._window is None:
+            return None
+        mean, var, weights = self._window
+        return mean, var, weights.expand_as(mean)
 
     @property
     def iteration(self) -> int:
-        """Index of the current training iteration (-1 before the first training forward)."""
-        return self._iteration
+        """Index of the current training iteration: the number of iterations completed (optimizer
+        steps over this layer's parameters, or in-place updates seen in eager mode). No host sync."""
+        return self._host_iteration
+
+    @property
+    def slot_iterations(self) -> list[int]:
+        """The iteration each history slot holds, -1 for a slot holding nothing usable (empty or
+        non-finite). Reading it synchronizes with the device."""
+        return [max(s, -1) for s in self.history_iteration.view(-1).tolist()]  # stamps below 0: nothing usable
 
     @property
     def window_entries(self) -> int:
         """How many iterations (current included) the current iteration's statistics average: the
         in-window slots holding finite statistics (with rule "drop", those used by at least one
         channel). Reading it synchronizes with the device."""
-        if self._window_cache is _UNSET:
-            slots = self._past_slots()
-            return 1 + (int(self.history_valid[slots].sum()) if slots and self.history_valid is not None else 0)
-        return 1 + (0 if self._window_cache is None else int(self._window_cache[2].amax(1).sum()))
+        if self.window == 1:
+            return 1
+        if self._fresh or self._window is None:
+            return 1 + int(history.in_window(self.current_iteration, self.history_iteration, self.window).sum())
+        return 1 + int(self._window[2].amax(1).sum())
 
     def _reset_transients(self) -> None:
-        # A new process, a loaded checkpoint or a new binding starts a new iteration at its first
-        # training forward, and holds no activations of an earlier step.
+        # A new process, a loaded checkpoint or a new binding holds no activations of an earlier step
+        # and no window, and takes the parameters' current versions as the current iteration's.
         self._captured = None
-        self._last_clock = None
-        self._window_cache = _UNSET
-
-    def _reset_history(self) -> None:
-        for name in self._history_fields():
-            setattr(self, name, None)
-        self._slot_iterations = [-1] * (self.window - 1)
+        self._window = None
+        self._versions_seen = None
+        self._host_iteration = int(self.current_iteration)
+        self._set_iteration_flags()
+        if self.window > 1:  # a checkpoint saved mid-iteration already holds its record
+            self._recorded = bool((self.history_iteration == self.current_iteration).any())
 
     # ------------------------------------------------------------------ state
-    def get_extra_state(self) -> Tensor:
-        # [iteration, iteration held by each slot...]: an int64 tensor rather than a dict, because
-        # jit tracing (and so fvcore) passes every state_dict entry through as a traced value.
-        return torch.tensor([self._iteration, *self._slot_iterations], dtype=torch.long)
-
-    def set_extra_state(self, state: Tensor) -> None:
-        values = [int(v) for v in state.tolist()]
-        if len(values) != self.window:
-            raise ValueError(
-                f"{self._label()}: the checkpoint holds {len(values) - 1} history slots but window={self.window} "
-                f"needs {self.window - 1}; build the layer with the window the checkpoint was trained with."
-            )
-        self._iteration, self._slot_iterations = values[0], values[1:]
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        _upgrade_state(state_dict, prefix, local_metadata.get("version"))
-        wrong = self._misshapen_history(state_dict, prefix)
-        if wrong:
-            error_msgs.extend(wrong)
-            return
-        # History buffers are allocated lazily, so give them the stored shapes before loading.
-        for name in self._history_fields():
-            stored = state_dict.get(prefix + name)
-            device = self.running_mean.device
-            setattr(self, name, None if stored is None else torch.empty_like(stored, device=device))
-        extra_key = prefix + "_extra_state"
-        from_batchnorm = extra_key not in state_dict  # a BatchNorm2d (or pre-versioning) state
-        version = local_metadata.get("version")  # the _version of the layer that saved it
-        if not from_batchnorm and version is not None and version > self._version:
+        version = local_metadata.get("version")  # the _version of the module that saved it
+        from_cbn = prefix + "current_iteration" in state_dict or prefix + "_extra_state" in state_dict
+        if from_cbn and version is not None and version > self._version:
             error_msgs.append(f"{prefix or 'layer'}: saved by a newer CrossIterationBatchNorm2d (state version {version}; "
                               f"this one reads up to {self._version}): upgrade cbn to load it")
             return
-        if from_batchnorm:
-            self._iteration = -1
-            self._slot_iterations = [-1] * (self.window - 1)
-            if prefix + "num_batches_tracked" not in state_dict:
-                state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+        history.upgrade(state_dict, prefix)
+        wrong = history.misshapen(state_dict, prefix, self._expected_history_shapes(), self._described())
+        if wrong:
+            error_msgs.extend(wrong)
+            return
+        if not self._compensates_with_conv():
+            self._adopt_stored_path_fields(state_dict, prefix)
+        for counter in ("num_batches_tracked", "current_iteration"):  # what a BatchNorm2d state lacks
+            state_dict.setdefault(prefix + counter, torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if from_batchnorm and extra_key in missing_keys:
-            missing_keys.remove(extra_key)
+        if self.window > 1 and prefix + "history_mean" not in state_dict:
+            # A BatchNorm2d's state, or a layer that never recorded: an empty history.
+            self._allocate_history(self.history_mean.dtype, self.history_mean.device)
+            kept = {prefix + name for name in self._history_fields()}
+            missing_keys[:] = [k for k in missing_keys if k not in kept]
         self._reset_transients()
 
-    def _misshapen_history(self, state_dict: dict, prefix: str) -> list[str]:
-        """One message per stored history buffer whose shape does not fit this layer: its window
-        and channels, and, once bound, its conv's geometry (unbound, the path's fields are checked
-        against the conv when it is bound: bind starts a fresh history)."""
-        slots = self.window - 1
-        expected: dict[str, tuple[int, ...]] = {"mean": (slots, self.num_features), "var": (slots, self.num_features),
-                                                "valid": (slots,)}
-        if self._conv is not None and self.compensate and self.window > 1:
-            shapes = GRAD_PATHS[self.grad_path].field_shapes(self._geometry())
-            expected.update({field: (slots, *shape) for field, shape in shapes.items()})
-        bound = "" if self._conv is None else f", conv weight {tuple(self._conv.weight.shape)}"
-        out = []
-        for field, shape in expected.items():
+    def _expected_history_shapes(self) -> dict[str, tuple[int, ...]]:
+        path_shapes = self._path.field_shapes(self._geometry()) if self._compensates_with_conv() else {}
+        return history.shapes(self.window, self.num_features, path_shapes)
+
+    def _adopt_stored_path_fields(self, state_dict: dict, prefix: str) -> None:
+        """Unbound, the path's fields have no shapes yet: take the stored ones (bind starts afresh anyway)."""
+        for field in self._path_field_names():
             stored = state_dict.get(prefix + "history_" + field)
-            if stored is not None and tuple(stored.shape) != shape:
-                out.append(f"{prefix}history_{field}: the checkpoint holds shape {tuple(stored.shape)}, but this layer "
-                           f"(window={self.window}, {self.num_features} channels{bound}) keeps {shape}; load it into a "
-                           "layer built and bound as the one that saved it")
-        return out
+            if stored is not None:
+                setattr(self, "history_" + field, torch.empty_like(stored, device=self.running_mean.device))
+
+    def _described(self) -> str:
+        bound = "" if self._conv is None else f", conv weight {tuple(self._conv.weight.shape)}"
+        return f"window={self.window}, {self.num_features} channels{bound}"
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_captured"] = None  # transient references to one step's activations
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._versions_seen = None  # a copy's parameters have version counters of their own
+        clock.register(self)  # a copy (deepcopy, pickling) advances with its own parameters
+
     # ------------------------------------------------------------------ non-finite batches
     def train(self, mode: bool = True) -> CrossIterationBatchNorm2d:
         if self.training and not mode:
             self._warn_nonfinite()  # leaving training: a well-defined point to read the device count
+            self._warn_clock_never_advanced()
         return super().train(mode)
+
+    def _warn_clock_never_advanced(self) -> None:
+        if self._compiled_training and not self._advanced_while_compiled and self.window > 1:
+            warnings.warn(
+                f"{self._label()}: compiled training calls ran but its iteration never advanced: no torch "
+                "optimizer step holds its parameters, and a compiled forward does not see parameters updated by "
+                "hand, so it kept normalizing with one iteration's window. Call cbn.advance(model) after each "
+                "update (or step a torch.optim optimizer).", RuntimeWarning, stacklevel=3)
+            self._compiled_training = False  # once per layer
 
     def _warn_nonfinite(self) -> None:
         count = int(self.nonfinite_batches)
@@ -663,23 +690,10 @@ def _finite(t: Tensor) -> Tensor:
     return difference == difference
 
 
-def _upgrade_state(state_dict: dict, prefix: str, version: int | None) -> None:
-    """Convert an older layer's state in place. Version 1 had no validity flags; every slot it
-    had filled held finite statistics (it refused non-finite ones). Versions 1 and 2 also stored
-    each slot's linear forms at its recording weights, which are its mean and twice its mean square."""
-    if version == 1 and prefix + "history_mean" in state_dict and prefix + "history_valid" not in state_dict:
-        slots = state_dict[prefix + "_extra_state"][1:]
-        state_dict[prefix + "history_valid"] = (slots >= 0).to(state_dict[prefix + "history_mean"].device)
-    if version in (1, 2):
-        for field in ("history_offset_mean", "history_offset_sq"):
-            state_dict.pop(prefix + field, None)
-
-
-def _all_path_fields(grad_path: str) -> list[str]:
-    # Field names only (shapes need a bound conv); bias Jacobians exist only for convs with bias.
-    if grad_path == "efficient":
-        return ["grad_mean", "grad_sq"]
-    return ["jac_mean_weight", "jac_sq_weight", "jac_mean_bias", "jac_sq_bias"]
+def _nonfinite(t: Tensor) -> Tensor:
+    """~torch.isfinite(t) in two dispatches (see _finite)."""
+    difference = t - t
+    return difference != difference
 
 
 NEGATIVE_VARIANCE_RULES = ("clamp", "drop")

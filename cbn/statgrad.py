@@ -27,6 +27,7 @@ layer compensates its whole window with the same few ops whatever the window siz
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,22 +66,45 @@ class ConvGeometry:
             has_bias=conv.bias is not None,
         )
 
+    @property
+    def patch_size(self) -> int:
+        """C_in/groups * kh * kw: the weights of one output channel."""
+        _, c_in_per_group, kh, kw = self.weight_shape
+        return c_in_per_group * kh * kw
+
     def conv_kwargs(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+
+@dataclass(frozen=True)
+class HistoryField:
+    """One tensor a gradient path keeps per recorded iteration: its name (the layer's buffer is
+    ``history_<name>``) and its shape for a conv; ``bias_only`` fields exist for convs with a bias."""
+
+    name: str
+    shape: Callable[[ConvGeometry], tuple[int, ...]]
+    bias_only: bool = False
+
+
+def field_shapes(fields: tuple[HistoryField, ...], geometry: ConvGeometry) -> dict[str, tuple[int, ...]]:
+    """The fields a conv of this geometry needs, by name, with their shapes (one recorded iteration)."""
+    return {f.name: f.shape(geometry) for f in fields if geometry.has_bias or not f.bias_only}
 
 
 class EfficientPath:
     """Closed-form diagonal statistic gradients (Appendix B)."""
 
     name = "efficient"
+    # Flattened to a row per group or channel: a 4-D or 5-D buffer would be converted (and refused)
+    # by module.to(memory_format=torch.channels_last).
+    fields = (
+        HistoryField("grad_mean", lambda g: (g.groups, g.patch_size)),  # d mu / d theta, one per group
+        HistoryField("grad_sq", lambda g: (g.weight_shape[0], g.patch_size)),  # d nu_j / d theta_j, the diagonal
+    )
 
     @staticmethod
     def field_shapes(geometry: ConvGeometry) -> dict[str, tuple[int, ...]]:
-        c_out, c_in_per_group, kh, kw = geometry.weight_shape
-        return {
-            "grad_mean": (geometry.groups, c_in_per_group, kh, kw),
-            "grad_sq": (c_out, c_in_per_group, kh, kw),
-        }
+        return field_shapes(EfficientPath.fields, geometry)
 
     @staticmethod
     def compute(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry,
@@ -96,8 +120,8 @@ class EfficientPath:
         # (one pass over the |W|-sized result, which the copy into the history would make anyway).
         grad = weight_grad(y, x, weight, list(geometry.stride), list(geometry.padding), list(geometry.dilation),
                            geometry.groups)
-        torch.mul(grad, constant(2.0 / (n * h * w), x.dtype), out=out["grad_sq"])
-        out["grad_mean"].copy_(patch_mean(y, geometry, (h, w)))
+        torch.mul(grad, constant(2.0 / (n * h * w), x.dtype), out=out["grad_sq"].view(grad.shape))
+        out["grad_mean"].view(geometry.groups, *geometry.weight_shape[1:]).copy_(patch_mean(y, geometry, (h, w)))
         return out
 
     @staticmethod
@@ -169,18 +193,16 @@ class NaivePath:
     """Dense Jacobians from torch.func.jacrev: the O(C^2 * C_in * K) reference."""
 
     name = "naive"
+    fields = (  # dense Jacobians: every output channel's statistic against every parameter
+        HistoryField("jac_mean_weight", lambda g: (g.weight_shape[0], *g.weight_shape)),
+        HistoryField("jac_sq_weight", lambda g: (g.weight_shape[0], *g.weight_shape)),
+        HistoryField("jac_mean_bias", lambda g: (g.weight_shape[0], g.weight_shape[0]), bias_only=True),
+        HistoryField("jac_sq_bias", lambda g: (g.weight_shape[0], g.weight_shape[0]), bias_only=True),
+    )
 
     @staticmethod
     def field_shapes(geometry: ConvGeometry) -> dict[str, tuple[int, ...]]:
-        c_out = geometry.weight_shape[0]
-        shapes: dict[str, tuple[int, ...]] = {
-            "jac_mean_weight": (c_out, *geometry.weight_shape),
-            "jac_sq_weight": (c_out, *geometry.weight_shape),
-        }
-        if geometry.has_bias:
-            shapes["jac_mean_bias"] = (c_out, c_out)
-            shapes["jac_sq_bias"] = (c_out, c_out)
-        return shapes
+        return field_shapes(NaivePath.fields, geometry)
 
     @staticmethod
     def compute(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry,
@@ -227,8 +249,13 @@ class GradPath(Protocol):
 
     name: str
 
+    @property
+    def fields(self) -> tuple[HistoryField, ...]:
+        """The one definition of what a recorded iteration keeps."""
+        ...
+
     def field_shapes(self, geometry: ConvGeometry) -> dict[str, tuple[int, ...]]:
-        """The history fields one recorded iteration keeps, by name, with their shapes."""
+        """The fields a conv of this geometry needs (``field_shapes(fields, geometry)``)."""
         ...
 
     def compute(self, y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry,

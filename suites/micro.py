@@ -88,10 +88,10 @@ class LayerStep:
             mode.compile_in_place(self.block)
 
     def __call__(self) -> None:
-        # Each call is a new training iteration for CBN, whose window advances when its conv's
-        # weight is updated in place: bump the parameters' version counters, values unchanged.
+        # Each call is a new training iteration for CBN: the parameters stand still (no optimizer),
+        # so the step advances CBN's clock itself, as a training loop without one would.
+        cbn.advance(self.block)
         for p in self.params:
-            torch.autograd.graph.increment_version(p)
             p.grad = None
         with self.mode.autocast(self.x.device):
             out = self.block(self.x)

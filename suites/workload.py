@@ -30,10 +30,6 @@ from bench.timing import synchronize, time_call
 from bench.training_modes import Mode, optimizer_step
 from suites.constants import WINDOW
 
-# Dynamo compiles a frame once per distinct layer shape after each CBN graph break (see
-# CrossIterationBatchNorm2d's docstring); 8, its default, leaves a ResNet's later layers eager.
-RECOMPILE_LIMIT = 64
-
 # Operators the profiler reports as detection ops (bench/profiling.py's op_groups): the RoI heads'
 # pooling, the RPN's NMS, and the losses.
 DETECTION_OPS = ("roi_align", "nms", "loss", "cross_entropy", "smooth_l1", "binary_cross_entropy")
@@ -88,7 +84,6 @@ class TrainingWorkload:
 
     def compile_now(self) -> None:
         if self.mode.compile and not self.compiled:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             if self.ddp is not None:
                 # Dynamo's DDPOptimizer (graphs split at DDP's bucket boundaries) fails to compile
                 # CBN's autograd.Function in a ResNet-18 (AssertionError: output spec mismatch,
@@ -214,8 +209,7 @@ def mode_caption(mode: Mode, compiled_part: str) -> list[str]:
     if mode.compile:
         how = f"inductor, mode {mode.compile_mode}" + (", fullgraph" if mode.fullgraph else "")
         lines.append(f"compiled (torch.compile, {how}): {compiled_part}; FLOPs and memory measured "
-                     f"before compiling; dynamo's recompile_limit raised to {RECOMPILE_LIMIT} (CBN breaks the graph once "
-                     "per layer); on several processes without dynamo's DDPOptimizer (optimize_ddp=False)")
+                     "before compiling; on several processes without dynamo's DDPOptimizer (optimize_ddp=False)")
     return lines
 
 

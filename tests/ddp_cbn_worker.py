@@ -43,11 +43,11 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> l
 
 def report_window(net: nn.Module, own_means: list[torch.Tensor]) -> dict:
     first = cbn_layers(net)[0]
-    slot_of = {it: s for s, it in enumerate(first._slot_iterations)}
+    slot_of = {it: s for s, it in enumerate(first.slot_iterations)}
     histories = gathered(first.history_mean)
     return {
         "iterations": [int(t) for t in gathered(torch.tensor(first.iteration))],
-        "slots": [t.tolist() for t in gathered(torch.tensor(first._slot_iterations))],
+        "slots": [t.tolist() for t in gathered(torch.tensor(first.slot_iterations))],
         # the slot recorded at iteration STEPS-2 (its entry has been through one more forward's broadcast)
         "older_slot_equal_across_ranks": torch.equal(*(h[slot_of[STEPS - 2]] for h in histories)),
         "own_mean_error": [float(e) for e in gathered(

@@ -105,7 +105,7 @@ def test_mask_rcnn_with_cbn_in_fpn_and_heads_trains_on_cpu(norm):
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert all(m.window_entries == 2 and m.iteration == 1 for m in layers.values())
+    assert all(m.window_entries == 2 and m.iteration == 2 for m in layers.values())
 
 
 def test_convert_keeps_each_ranks_history_out_of_ddps_broadcast():
@@ -115,6 +115,6 @@ def test_convert_keeps_each_ranks_history_out_of_ddps_broadcast():
     net._ddp_params_and_buffers_to_ignore = ["0.weight"]
     cbn.convert(net, window=3)
     assert net._ddp_params_and_buffers_to_ignore == [
-        "0.weight", "1.history_mean", "1.history_var", "1.history_valid", "1.history_grad_mean", "1.history_grad_sq",
-        "1.nonfinite_batches", "1.compensated_entries", "1.negative_variances"]
+        "0.weight", "1.history_mean", "1.history_var", "1.history_iteration", "1.history_grad_mean", "1.history_grad_sq",
+        "1.current_iteration", "1.nonfinite_batches", "1.compensated_entries", "1.negative_variances"]
     assert cbn.keep_statistics_per_rank(net)._ddp_params_and_buffers_to_ignore.count("1.history_mean") == 1

@@ -74,8 +74,8 @@ def test_a_non_finite_batch_is_kept_out_of_the_history_without_a_host_sync():
     after = layer.state_dict()
     for key in ("running_mean", "running_var"):
         assert torch.equal(before[key], after[key]), key  # no channel took a non-finite update
-    assert after["_extra_state"].tolist() == [3, 2, 3]  # iteration 3 went to slot 1 ...
-    assert after["history_valid"].tolist() == [True, False]  # ... with weight 0
+    assert after["current_iteration"].item() == 3  # iteration 3 went to slot 1 ...
+    assert layer.slot_iterations == [2, -1]  # ... stamped empty: it never enters a window
     assert layer.nonfinite_batches == 1 and cbn_layers(net)[1].nonfinite_batches == 1
 
     clean = batches(2, seed=4)
@@ -99,7 +99,7 @@ def test_the_window_statistics_leave_the_bad_entry_out_by_content():
     with torch.no_grad():
         net[0].weight.add_(0.01)  # a new iteration, whose window is {bad iteration 2, iteration 1}
         current = net[0](x).mean((0, 2, 3))
-    good_past = layer.history_mean[layer._slot_iterations.index(1)]
+    good_past = layer.history_mean[layer.slot_iterations.index(1)]
     with torch.no_grad():
         net(x)
     torch.testing.assert_close(layer.running_mean, (current + good_past) / 2)
@@ -111,8 +111,8 @@ def test_a_finite_entry_that_compensates_to_nan_leaves_the_window():
     net = conv_cbn_net(window=3)
     train(net, batches(3))
     layer = cbn_layers(net)[0]
-    slot = layer._slot_iterations.index(2)
-    layer.history_grad_sq[slot, 0, 0, 0, 0] = float("nan")  # channel 0 of iteration 2's entry
+    slot = layer.slot_iterations.index(2)
+    layer.history_grad_sq[slot, 0, 0] = float("nan")  # channel 0 of iteration 2's entry
     entries = []
     outs = train(net, batches(1, seed=5), forward=lambda x: (lambda out: (entries.append(layer.window_entries), out)[1])(net(x)))
     assert entries == [2]  # iteration 3's window: itself and iteration 1; iteration 2 is out

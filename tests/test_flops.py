@@ -139,4 +139,4 @@ def test_fvcore_traces_the_layer_again_and_again():
     for _ in range(3):  # the first trace is a fresh layer's first call, the first to ask for constants
         counts.append(fvcore_forward_flops(net, (x,)))
         step()
-    assert counts[1] == counts[2] > counts[0]  # from the second iteration on, the window compensates
+    assert counts[0] == counts[1] == counts[2]  # one step's ops, whatever the window holds

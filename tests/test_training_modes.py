@@ -164,7 +164,7 @@ def test_a_channels_last_cbn_net_trains_as_the_contiguous_one():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(cbn_layers(contiguous), cbn_layers(channels_last)):
         torch.testing.assert_close(a.history_grad_sq, b.history_grad_sq, rtol=1e-5, atol=1e-6)
-        assert a._slot_iterations == b._slot_iterations
+        assert a.slot_iterations == b.slot_iterations
 
 
 @pytest.fixture
@@ -214,5 +214,6 @@ def test_table6_warms_up_and_times_compiled_at_smoke_size(quick_compile):
     assert compiled == [workload.model.backbone, heads.box_head, heads.mask_head]
     assert timed["train_step_time"] > 0 and timed["inference_time"] > 0
     census = {name: m.value for name, m in workload.compile_census().items()}
-    assert census["graph_breaks"] >= 1 and census["compiled_graphs"] > census["graph_breaks"]  # CBN breaks the graph
+    # one graph per compiled stack, CBN's included (a second only if burn-in ended during the warm-up)
+    assert census["graph_breaks"] == 0 and 3 <= census["compiled_graphs"] <= 6, census
     assert table6_workload({}).compile_census() == {}  # eager: nothing to count
