@@ -1,6 +1,6 @@
 """Layer micro-benchmarks for pytest-benchmark: a 3x3 conv and its norm, in training mode, timed
 forward and forward+backward, for BN, GN, CBN (efficient path, k = 2, 4 and 8), CBN (naive dense
-path) and Naive CBN. Each forward+backward benchmark also stores the aten operators and host
+path), Naive CBN, and CBN's ideal: BN plus CBN's extra weight-gradient convolution ("bn+wgrad"). Each forward+backward benchmark also stores the aten operators and host
 synchronizations one steady-state step dispatches (bench/dispatch.py): deterministic counts the gate
 holds at or below the baseline, so that a per-slot loop or a host sync coming back fails CI.
 
@@ -30,6 +30,7 @@ from bench.dispatch import count_dispatches
 from bench.suite import Case
 from bench.training_modes import OPTIONS as MODE_OPTIONS
 from bench.training_modes import Mode
+from cbn.ops import weight_grad
 from suites.constants import CPU_NAIVE_BUDGET_BYTES, CUDA_NAIVE_BUDGET_SHARE, WINDOW
 from suites.gradpath import naive_bytes_estimate
 
@@ -43,7 +44,10 @@ NORMS = {  # label -> (cbn.norm_layer name, options)
     "cbn-naive-path": ("cbn", {"window": WINDOW, "grad_path": "naive"}),
     "naive-cbn": ("naive_cbn", {"window": WINDOW}),
     "bn-control": ("bn", {}),  # BN again, the A/A control: its ratio to BN is what the ordering and noise give
+    # CBN's ideal: BN plus the one operation CBN adds, its conv weight gradient (WithWeightGradient)
+    "bn+wgrad": ("bn", {}),
 }
+WITH_WEIGHT_GRADIENT = ("bn+wgrad",)
 REFERENCE = "bn"
 LONGEST_WINDOW = max(options.get("window", 1) for _, options in NORMS.values())
 OPS = ("forward", "forward+backward")
@@ -73,12 +77,31 @@ def _skip_unless_it_fits(norm: str, shape: tuple[int, ...], device: torch.device
         pytest.skip(f"the dense path needs about {need / 2**30:.0f} GiB at {shape}, over the {budget / 2**30:.0f} GiB budget")
 
 
+class WithWeightGradient(nn.Module):
+    """A conv + BN block that also computes what CBN's step adds to BN's: the conv's weight gradient
+    for grad_output = its output (the efficient path's d nu / d theta, as cbn.ops computes it), under
+    no_grad and returned, so that a compiler keeps it. Its time is the floor for CBN's step."""
+
+    def __init__(self, block: nn.Sequential) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, norm = self.block
+        y = conv(x)
+        with torch.no_grad():
+            grad = weight_grad(x, y, conv.weight, list(conv.stride), list(conv.padding), list(conv.dilation),
+                                       conv.groups)
+        return norm(y), grad
+
+
 class LayerStep:
     """One training iteration of a conv + norm block: forward, and backward for "forward+backward"."""
 
     def __init__(self, norm: str, shape: tuple[int, ...], device: torch.device, op: str = "forward+backward",
                  mode: Mode = Mode()) -> None:
-        self.block = mode.memory_format(conv_norm_block(norm, shape[1], device))
+        block = conv_norm_block(norm, shape[1], device)
+        self.block = mode.memory_format(WithWeightGradient(block) if norm in WITH_WEIGHT_GRADIENT else block)
         self.params = list(self.block.parameters())
         self.x = mode.memory_format(torch.randn(shape, device=device))
         self.grad = mode.memory_format(torch.randn(shape, device=device))
@@ -95,6 +118,8 @@ class LayerStep:
             p.grad = None
         with self.mode.autocast(self.x.device):
             out = self.block(self.x)
+        if isinstance(out, tuple):  # WithWeightGradient: the block's output and the weight gradient
+            out = out[0]
         if self.op == "forward+backward":
             out.backward(self.grad)
 

@@ -102,3 +102,17 @@ def test_running_without_pytest_benchmark_says_how_to_get_it(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "pytest_benchmark", None)
     with pytest.raises(ValueError, match=r"pip install -e '.\[test\]'"):
         pytest_suites.run("micro", "cpu", tmp_path)
+
+
+def test_cbns_ideal_block_is_bn_plus_the_conv_weight_gradient_cbn_adds():
+    from suites.micro import WithWeightGradient
+
+    block = conv_norm_block("bn+wgrad", 8, torch.device("cpu"))
+    ideal = WithWeightGradient(block)
+    x = torch.randn(2, 8, 6, 6)
+    out, grad = ideal(x)
+    y = block[0](x)
+    assert torch.equal(out, block(x))
+    expected, = torch.autograd.grad((block[0](x) * y.detach()).sum(), block[0].weight)
+    torch.testing.assert_close(grad, expected)
+    assert not grad.requires_grad
