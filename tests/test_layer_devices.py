@@ -1,7 +1,8 @@
 """The layer on every device present: the float64 Algorithm 1 reference in float64 and float32,
 bf16 autocast against float32, k=1 against BatchNorm2d, and on CUDA no host synchronization in a
-steady-state training step. On a machine without CUDA the cuda cases are skipped (tools/gpu-run
-runs them first on a GPU)."""
+steady-state training step, eager or recorded as CUDA graphs (mode="reduce-overhead"). On a
+machine without CUDA the CUDA cases are skipped (tools/gpu-run runs them on a GPU: ``table6`` the
+eager ones first, ``rest`` the CUDA-graph one)."""
 
 import pytest
 import torch
@@ -89,3 +90,44 @@ def test_a_steady_state_cuda_training_step_never_waits_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here; tools/gpu-run runs this on a GPU")
+def test_reduce_overhead_trains_a_cbn_net_as_eager_and_never_waits_for_the_device():
+    """torch.compile(mode="reduce-overhead") records the whole training forward as CUDA graphs
+    (no graph break to split it), across the end of burn-in and the window filling: outputs,
+    parameters and histories as in eager mode (inductor's var_mean against BatchNorm's statistics
+    kernel: rounding), and no step of it synchronizes with the host."""
+    import copy
+
+    torch._dynamo.reset()
+    eager = conv_cbn_net(window=3, burn_in=2).cuda()
+    compiled = copy.deepcopy(eager)
+    forward = torch.compile(compiled, mode="reduce-overhead", fullgraph=True)
+    inputs = [x.cuda() for x in batches(8)]
+
+    def train_on(net, run, check_syncs=False):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        outputs = []
+        for step, x in enumerate(inputs):
+            torch.compiler.cudagraph_mark_step_begin()
+            if check_syncs and step >= 6:  # compiled and recorded by now
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = run(x)
+                (out.square().mean() + out.mean()).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            outputs.append(out.detach().clone())  # a CUDA graph's output is overwritten by its next replay
+        return outputs
+
+    want = train_on(eager, eager)
+    got = train_on(compiled, forward, check_syncs=True)
+    for a, b in zip(want, got):
+        assert_close(b, a, rtol=1e-4, atol=1e-4)
+    for a, b in zip(cbn_layers(eager), cbn_layers(compiled)):
+        assert a.iteration == b.iteration == 8 and a.slot_iterations == b.slot_iterations
+        for name in ("history_mean", "history_var", "history_grad_sq", "running_mean", "running_var"):
+            assert_close(getattr(b, name), getattr(a, name), rtol=1e-4, atol=1e-4)
