@@ -26,7 +26,7 @@ STAMP = "iteration"  # history_iteration: the stamp field
 
 
 def shapes(window: int, num_features: int, path_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Every history field's shape, slots first: (k-1, C) statistics, (k-1,) stamps, the path's fields."""
+    """Every history field's shape, slots first: (k-1, C) statistics, (k-1, 1) stamps, the path's fields."""
     slots = window - 1
     # A stamp per slot, as a column that broadcasts over the channels (in_window's mask is one).
     out: dict[str, tuple[int, ...]] = {"mean": (slots, num_features), "var": (slots, num_features), STAMP: (slots, 1)}
