@@ -389,7 +389,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         L_nu(theta_past) = 2 nu_past. Hence mu_now = L_mu(theta_t), exact since mu is linear, and
         nu_now = nu_past + L_nu(theta_t) - 2 nu_past = L_nu(theta_t) - nu_past."""
         weight, bias = self._current_conv_params(mean.dtype)
-        mean_now, lin_sq = self._path.linear(self._path_fields(), weight, bias, mean)
+        mean_now, lin_sq = self._path.linear(self._path_fields(self._geometry()), weight, bias, mean)
         # nu_now = L_nu(theta_t) - nu_past, nu_past = var + mu^2, built in a fresh (S, C) tensor laid
         # out like the history (lin_sq is a transposed view: results shaped by it vary in layout with S).
         nu_now = torch.addcmul(var, mean, mean).neg_().add_(lin_sq)
@@ -441,10 +441,10 @@ class CrossIterationBatchNorm2d(nn.Module):
         assert captured is not None  # forward checked it for every compensating record
         dtype = mean.dtype  # float32, or float64 for float64 inputs
         weight, bias = self._current_conv_params(dtype)
-        fields = self._path_fields()
+        geometry = self._geometry()
+        fields = self._path_fields(geometry)
         out = {name: buffer[slot] for name, buffer in fields.items()} if isinstance(slot, int) else None
-        values = self._path.compute(to_dtype(captured[0], dtype), to_dtype(x, dtype), weight, bias, self._geometry(),
-                                    out=out)
+        values = self._path.compute(to_dtype(captured[0], dtype), to_dtype(x, dtype), weight, bias, geometry, out=out)
         if out is None:
             for name, value in values.items():
                 history.write(fields[name], slot, value)
@@ -453,17 +453,16 @@ class CrossIterationBatchNorm2d(nn.Module):
     def _path(self) -> GradPath:
         return GRAD_PATHS[self.grad_path]
 
-    def _path_fields(self) -> dict[str, Tensor]:
-        return {name: getattr(self, "history_" + name) for name in self._path.field_shapes(self._geometry())}
+    def _path_fields(self, geometry: ConvGeometry) -> dict[str, Tensor]:
+        return {name: getattr(self, "history_" + name) for name in self._path.field_shapes(geometry)}
 
     def _allocate_history(self, dtype: torch.dtype, device: Any) -> None:
         """A fresh history (every slot empty): statistics and stamps, and the path's fields once bound."""
         if self.window == 1:
             return
-        path_shapes = self._path.field_shapes(self._geometry()) if self._compensates_with_conv() else {}
         for field in self._path_field_names():  # a rebinding may need other fields (a conv with a bias)
             setattr(self, "history_" + field, None)
-        buffers = history.empty(history.shapes(self.window, self.num_features, path_shapes), dtype, device)
+        buffers = history.empty(self._history_shapes(), dtype, device)
         for field, tensor in buffers.items():
             setattr(self, "history_" + field, tensor)
 
@@ -558,7 +557,7 @@ class CrossIterationBatchNorm2d(nn.Module):
                               f"this one reads up to {self._version}): upgrade cbn to load it")
             return
         history.upgrade(state_dict, prefix)
-        wrong = history.misshapen(state_dict, prefix, self._expected_history_shapes(), self._described())
+        wrong = history.misshapen(state_dict, prefix, self._history_shapes(), self._described())
         if wrong:
             error_msgs.extend(wrong)
             return
@@ -574,7 +573,8 @@ class CrossIterationBatchNorm2d(nn.Module):
             missing_keys[:] = [k for k in missing_keys if k not in kept]
         self._reset_transients()
 
-    def _expected_history_shapes(self) -> dict[str, tuple[int, ...]]:
+    def _history_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every history buffer's shape: the path's fields once the layer is bound."""
         path_shapes = self._path.field_shapes(self._geometry()) if self._compensates_with_conv() else {}
         return history.shapes(self.window, self.num_features, path_shapes)
 

@@ -1,8 +1,9 @@
 """Layer micro-benchmarks for pytest-benchmark: a 3x3 conv and its norm, in training mode, timed
 forward and forward+backward, for BN, GN, CBN (efficient path, k = 2, 4 and 8), CBN (naive dense
-path), Naive CBN, and CBN's ideal: BN plus CBN's extra weight-gradient convolution ("bn+wgrad"). Each forward+backward benchmark also stores the aten operators and host
-synchronizations one steady-state step dispatches (bench/dispatch.py): deterministic counts the gate
-holds at or below the baseline, so that a per-slot loop or a host sync coming back fails CI.
+path), Naive CBN, and CBN's ideal: BN plus CBN's extra weight-gradient convolution ("bn+wgrad").
+Each forward+backward benchmark also stores the aten operators and host synchronizations one
+steady-state step dispatches (bench/dispatch.py): deterministic counts the gate holds at or below
+the baseline, so that a per-slot loop or a host sync coming back fails CI.
 
 Run by ``python -m bench micro`` (``python3 -m nox -s micro``), which passes the timing options and
 stores pytest-benchmark's JSON under results/runs/; the unit tests never run them. In each group
@@ -91,7 +92,7 @@ class WithWeightGradient(nn.Module):
         y = conv(x)
         with torch.no_grad():
             grad = weight_grad(x, y, conv.weight, list(conv.stride), list(conv.padding), list(conv.dilation),
-                                       conv.groups)
+                               conv.groups)
         return norm(y), grad
 
 
