@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbn.functional import REDUCE_DIMS, cached, constant
-from cbn.ops import weight_grad
+from cbn.ops import row_dots, weight_grad
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,7 @@ class EfficientPath:
         else:
             per_group = weight.view(groups, c_out // groups, -1)
             lin_mean = torch.einsum("sgk,gok->sgo", grad_mean.view(slots, groups, -1), per_group).reshape(slots, c_out)
-        # Row-wise dot products of every slot with the current weight, as one batched product over
-        # channels, (C, 1, K) @ (C, K, S), reading the history in place (each channel's K x S block
-        # is a transposed matrix to BLAS). On a CPU 2.4x faster than a product-and-sum over an
-        # (S, |W|) temporary, and 3.5x faster than (C, S, K) @ (C, K, 1).
-        per_slot = grad_sq.view(slots, c_out, -1).permute(1, 2, 0)
-        lin_sq = torch.bmm(weight.view(c_out, 1, -1), per_slot).view(c_out, slots).transpose(0, 1)
+        lin_sq = row_dots(weight, grad_sq)  # each channel's weights against its row of every slot
         if bias is not None:
             lin_mean = lin_mean + bias
             lin_sq = torch.addcmul(lin_sq, mean, bias, value=2.0)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from cbn.ops import row_dots
 from cbn.statgrad import ConvGeometry, EfficientPath, NaivePath, linear_at
 
 CONVS = {
@@ -138,3 +139,21 @@ def test_stacked_slots_give_each_slots_own_linear_form(path):
         mu_s, nu_s = linear_at(path, fields, w1, b, mean)
         assert_close(mu[s], mu_s, rtol=1e-12, atol=1e-12)
         assert_close(nu[s], nu_s, rtol=1e-12, atol=1e-12)
+
+
+def test_row_dots_are_each_channels_weight_row_against_each_slot():
+    weight, rows = torch.randn(5, 7, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64)
+    assert_close(row_dots(weight, rows), torch.einsum("ck,sck->sc", weight, rows))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cbn_ops_fake_kernels_match_their_outputs(channels_last):
+    """torch.compile passes conv_weight_grad its operands in whatever layout inductor chose
+    (flexible_layout) and trusts the fake kernels' output strides: a channels_last input once made
+    aten return a channels_last gradient where the fake said contiguous."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.randn(2, 4, 9, 9).to(memory_format=layout)
+    weight = torch.randn(6, 4, 3, 3).to(memory_format=layout)
+    x = F.conv2d(y, weight, padding=1)
+    torch.library.opcheck(torch.ops.cbn.conv_weight_grad, (y, x, weight, [1, 1], [1, 1], [1, 1], 1))
+    torch.library.opcheck(torch.ops.cbn.row_dots, (torch.randn(6, 36), torch.randn(3, 6, 36)))
