@@ -71,9 +71,9 @@ def _weight_grad_aten(input, grad_output, weight, stride, padding, dilation, gro
 def row_dots(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """(S, C): out[s, c] = sum_k weight[c].flatten()[k] * rows[s, c, k], for a contiguous weight
     (C, ...) of K entries per channel and rows (S, C, K). One batched product over channels,
-    (C, 1, K) @ (C, K, S), reading rows in place
-    (each channel's K x S block is a transposed matrix to BLAS): on a CPU 2.4x faster than a
-    product-and-sum over an (S, C, K) temporary, and 3.5x faster than (C, S, K) @ (C, K, 1)."""
+    (C, 1, K) @ (C, K, S), reading rows in place (each channel's K x S block is a transposed matrix
+    to BLAS): on a CPU 2.4x faster than a product-and-sum over an (S, C, K) temporary, and 3.5x
+    faster than (C, S, K) @ (C, K, 1)."""
     if torch.compiler.is_compiling():
         return _row_dots_op(weight, rows)
     return _row_dots_bmm(weight, rows)

@@ -1,8 +1,10 @@
 """A ResNet-18 training step (4 x 224 px, classify quick's shape), eager against inductor-compiled, for
 BN and CBN k=4, with a second eager BN as the A/A control: interleaved rounds in one process, 2
-threads. What the classify suite cannot show, since it runs one mode per run.
+threads. What the classify suite cannot show, since it runs one mode per run. ``--model stem``
+times ResNet's stem alone (conv 7x7, norm, ReLU, max-pool) and one 3x3 conv, where compiled CBN
+loses most against eager (docs/results.md).
 
-    python tools/compile_against_eager.py [--rounds 12]
+    python tools/compile_against_eager.py [--rounds 12] [--model stem]
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ RATIOS = (("bn eager A/A", "bn eager"), ("bn compiled", "bn eager"), ("cbn compi
           ("cbn eager", "bn eager"), ("cbn compiled", "bn compiled"))
 
 
-def training_step(norm: str, compiled: bool) -> Callable[[], None]:
+def stem() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 64, 7, 2, 3, bias=False), torch.nn.BatchNorm2d(64),
+                               torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(3, 2, 1),
+                               torch.nn.Conv2d(64, 64, 3, 1, 1, bias=False))
+
+
+def training_step(norm: str, compiled: bool, model_name: str) -> Callable[[], None]:
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=1000)
+    model = stem() if model_name == "stem" else torchvision.models.resnet18(num_classes=1000)
     if norm == "cbn":
         cbn.convert(model, window=4)
     model.train()
@@ -37,7 +45,9 @@ def training_step(norm: str, compiled: bool) -> Callable[[], None]:
     images, labels = torch.randn(4, 3, 224, 224), torch.randint(0, 1000, (4,))
 
     def step() -> None:
-        torch.nn.functional.cross_entropy(forward(images), labels).backward()
+        out = forward(images)
+        loss = out.square().mean() if model_name == "stem" else torch.nn.functional.cross_entropy(out, labels)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     return step
@@ -46,11 +56,13 @@ def training_step(norm: str, compiled: bool) -> Callable[[], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
-    rounds = parser.parse_args().rounds
+    parser.add_argument("--model", choices=("resnet18", "stem"), default="resnet18")
+    args = parser.parse_args()
+    rounds = args.rounds
     torch.set_num_threads(2)
     steps = {}
     for name, (norm, compiled) in VARIANTS.items():
-        steps[name] = training_step(norm, compiled)
+        steps[name] = training_step(norm, compiled, args.model)
         started = time.perf_counter()
         for _ in range(6):  # compiled, the window full
             steps[name]()
