@@ -74,6 +74,30 @@ def _two_pass_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, centred.mul_(centred).sum(REDUCE_DIMS).mul_(inverse_count)
 
 
+def fusion_boundary(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors unchanged; under torch.compile, copied by an op that nothing fuses across.
+
+    Inductor's partitioner will not recompute in the backward a node that a chain of fusible ops
+    reaches from more than 100 nodes earlier in the forward (torch._functorch.config's
+    ban_recompute_long_fusible_chains). The window's many small ops feed the normalization through
+    such a chain, so after CBN, and not after BN, a following ReLU whose output nothing else keeps
+    had its bool mask saved instead of recomputed, and on a CPU writing that mask cost more than
+    the rest of the kernel. Ending the chain at the window statistics costs a copy of 2C numbers."""
+    if torch.compiler.is_compiling():
+        return tuple(_fusion_boundary_op(list(tensors)))
+    return tensors
+
+
+@torch.library.custom_op("cbn::fusion_boundary", mutates_args=())
+def _fusion_boundary_op(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.clone() for t in tensors]
+
+
+@_fusion_boundary_op.register_fake
+def _(tensors):
+    return [torch.empty_like(t) for t in tensors]
+
+
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of CBN's statistics and history for inputs of dtype: float64 for float64, else float32."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -138,6 +162,7 @@ class CrossIterationNorm(torch.autograd.Function):
         mean, var = batch_statistics(_stats_input(x))
         past = None if past_mean is None else (past_mean, past_var, past_weights)
         mean_bar, var_bar, entries = combine(mean, var, past)
+        mean_bar, var_bar = fusion_boundary(mean_bar, var_bar)
         positions = x.numel() // x.shape[1]
         count = entries * (positions if isinstance(entries, int) else constant(positions, mean.dtype))
         out = torch.native_batch_norm(x, weight, bias, mean_bar, var_bar, False, 0.0, eps)[0]

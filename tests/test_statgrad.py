@@ -157,3 +157,4 @@ def test_cbn_ops_fake_kernels_match_their_outputs(channels_last):
     x = F.conv2d(y, weight, padding=1)
     torch.library.opcheck(torch.ops.cbn.conv_weight_grad, (y, x, weight, [1, 1], [1, 1], [1, 1], 1))
     torch.library.opcheck(torch.ops.cbn.row_dots, (torch.randn(6, 36), torch.randn(3, 6, 36)))
+    torch.library.opcheck(torch.ops.cbn.fusion_boundary, ([torch.randn(6), torch.randn(3, 6).t()],))
